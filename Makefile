@@ -1,0 +1,31 @@
+# Two entry points on a fresh clone: `make demo` and `make test`.
+# Both create .venv and install what they need; the CPU torch 2.13.0 on this
+# machine's disk is pinned first so pip never pulls a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade "pip>=23" "setuptools>=64" wheel
+	$(BIN)/pip install "$(TORCH_PIN)"
+	$(BIN)/pip install --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/glm-kernels demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info

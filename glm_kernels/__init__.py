@@ -1,0 +1,24 @@
+"""glm_kernels: ChatGLM-6B (v1) with P-Tuning v2 on fused kernels, drop-in for THUDM's modeling code.
+
+    from glm_kernels import ChatGLMForConditionalGeneration
+    model = ChatGLMForConditionalGeneration.from_pretrained("path/to/chatglm-6b", torch_dtype=torch.float16)
+"""
+from .configuration import ChatGLMConfig
+from .modeling import (
+    ChatGLMForConditionalGeneration,
+    ChatGLMModel,
+    ChatGLMPreTrainedModel,
+    GLMBlock,
+    PrefixEncoder,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChatGLMConfig",
+    "ChatGLMForConditionalGeneration",
+    "ChatGLMModel",
+    "ChatGLMPreTrainedModel",
+    "GLMBlock",
+    "PrefixEncoder",
+]

@@ -1,0 +1,56 @@
+"""The `glm-kernels` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_demo(args) -> int:
+    import torch
+
+    from .demo import run_demo
+
+    dtype = getattr(torch, args.dtype)
+    result = run_demo(seed=args.seed, new_tokens=args.new_tokens, backend=args.backend, dtype=dtype)
+    print(f"backend: {result['backend']}  dtype: {result['dtype']}")
+    print(f"logits max |model - reference|: {result['logits_max_abs_diff']:.3e} "
+          f"(scale max|ref| = {result['logits_scale']:.3g})")
+    print(f"greedy tokens: {result['tokens']}")
+    print(f"greedy tokens identical to the reference: {result['tokens_match_reference']}")
+    return 0 if result["tokens_match_reference"] else 1
+
+
+def _cmd_load_memory(args) -> int:
+    from .tools.load_memory import main as load_memory_main
+
+    return load_memory_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm-kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="tiny random model with a P-Tuning prefix, checked against the reference")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--new-tokens", type=int, default=16)
+    demo.add_argument("--backend", choices=["torch", "triton"], default=None,
+                      help="kernel backend (default: by device, or $GLM_KERNELS_BACKEND)")
+    demo.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    demo.set_defaults(func=_cmd_demo)
+
+    mem = sub.add_parser("load-memory", help="peak RSS of loading a synthetic sharded checkpoint")
+    mem.add_argument("--gb", type=float, default=1.0, help="checkpoint size in GB (default 1)")
+    mem.add_argument("--shards", type=int, default=4)
+    mem.add_argument("--format", choices=["bin", "safetensors"], default="bin")
+    mem.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")
+    mem.set_defaults(func=_cmd_load_memory)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""Loading original ChatGLM-6B checkpoints and P-Tuning v2 prefixes.
+
+Layouts read (in this order of preference, in a local directory):
+`model.safetensors.index.json` + shards, `model.safetensors`,
+`pytorch_model.bin.index.json` + shards (the released 6B layout),
+`pytorch_model.bin`. Tensors are read with `safetensors` or
+`torch.load(weights_only=True, mmap=True)`.
+
+Every shard's keys and shapes are checked against the model before any
+memory is allocated for weights; errors name the file, the key and the shape.
+The model is built on the meta device, allocated once in the target dtype and
+filled shard by shard, so peak memory is one copy of the weights plus one
+shard's mapped pages (README: "Loading memory").
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .configuration import ChatGLMConfig
+
+INV_FREQ = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+PREFIX_KEY = "transformer.prefix_encoder."
+_WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", True),
+    ("model.safetensors", False),
+    ("pytorch_model.bin.index.json", True),
+    ("pytorch_model.bin", False),
+)
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors"
+
+
+def checkpoint_files(path) -> list[Path]:
+    """The weight files of a checkpoint directory (or a single weight file), checked to exist."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            raise ValueError(f"{path} is not a weight file (.safetensors, .bin, .pt or .pth)")
+        return [path]
+    for name, is_index in _WEIGHT_LAYOUTS:
+        candidate = path / name
+        if not candidate.is_file():
+            continue
+        if not is_index:
+            return [candidate]
+        try:
+            weight_map = json.loads(candidate.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"index {candidate} is not a valid weight index (needs a 'weight_map'): {err}") from err
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise FileNotFoundError(f"{candidate} lists shard {shard}, which is missing from {path}")
+        return [path / shard for shard in shards]
+    names = ", ".join(name for name, _ in _WEIGHT_LAYOUTS)
+    raise FileNotFoundError(f"no weights in {path}: expected one of {names}")
+
+
+def _load_bin(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise ValueError(f"cannot read checkpoint file {path}: {err}") from err
+        state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint file {path}: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint file {path} does not hold a flat state dict of tensors")
+    return state
+
+
+def shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of one weight file, reading headers only where the format allows."""
+    if _is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:
+            raise ValueError(f"cannot read checkpoint file {path}: {err}") from err
+    return {k: tuple(v.shape) for k, v in _load_bin(path).items()}
+
+
+def shard_tensors(path: Path):
+    """Yield `(key, tensor)` of one weight file (memory-mapped where possible)."""
+    if _is_safetensors(path):
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+    else:
+        yield from _load_bin(path).items()
+
+
+def _rename_for(model, key: str) -> str | None:
+    """Map a checkpoint key onto `model`'s names (base model vs LM), or None to skip it."""
+    prefix = model.base_model_prefix + "."
+    is_base = not hasattr(model, model.base_model_prefix)
+    if is_base:
+        if key == "lm_head.weight":
+            return None
+        return key[len(prefix):] if key.startswith(prefix) else key
+    if key == "lm_head.weight" or key.startswith(prefix):
+        return key
+    return prefix + key
+
+
+def _fmt_keys(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:8])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+def _resolve_dtype(dtype, config: ChatGLMConfig) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if not dtype.startswith("torch.") else getattr(torch, dtype[6:], None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating torch.dtype, 'auto' or None, got {dtype!r}")
+    return dtype
+
+
+def _resolve_directory(name_or_path) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    text = str(name_or_path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"]))
+        except Exception as err:
+            raise FileNotFoundError(f"{text} is neither a local directory nor a downloadable hub repo: {err}") \
+                from err
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+
+
+def from_pretrained(cls, name_or_path, config=None, dtype=None, ptuning_checkpoint=None, device=None,
+                    strict=True, **config_overrides):
+    """Build `cls` from a checkpoint directory in the original layout.
+
+    Args:
+        name_or_path: local directory (`config.json` + weights) or a hub repo id.
+        config: a `ChatGLMConfig` to use instead of the directory's `config.json`.
+        dtype: `torch_dtype`: a floating dtype, its name, or "auto"/None for
+            the `torch_dtype` recorded in `config.json` (fp32 if none).
+        ptuning_checkpoint: a P-Tuning v2 checkpoint (directory or file) to
+            load over the base weights; needs `pre_seq_len` in the config or
+            in `config_overrides`.
+        device: where to allocate the weights (default CPU).
+        strict: raise on missing or unexpected keys (shape mismatches always raise).
+        config_overrides: config fields to set, e.g. `pre_seq_len=128`,
+            `prefix_projection=False`, `kernel_backend="torch"`.
+    """
+    directory = _resolve_directory(name_or_path)
+    if config is None:
+        config_file = directory / "config.json" if directory.is_dir() else directory.parent / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in {config_file.parent}")
+        config = ChatGLMConfig.from_pretrained(str(config_file.parent))
+    else:
+        config = config.__class__.from_dict(config.to_dict())
+    for key, value in config_overrides.items():
+        if not hasattr(config, key):
+            raise TypeError(f"from_pretrained got an unexpected argument {key!r} (not a ChatGLMConfig field)")
+        setattr(config, key, value)
+    config.validate_model_shape()
+    dtype = _resolve_dtype(dtype, config)
+    files = checkpoint_files(directory)
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        for raw_key, shape in shard_shapes(file).items():
+            key = _rename_for(model, raw_key)
+            if key is None:
+                continue
+            if key in found:
+                raise ValueError(f"key {raw_key} appears in both {found[key][0]} and {file}")
+            found[key] = (file, shape)
+
+    _check_keys(model, config, expected, found, strict)
+    model.to(dtype)
+    model.to_empty(device=device or "cpu")
+    _reset_buffers(model)
+    if getattr(config, "tie_word_embeddings", True):
+        model.tie_weights()
+    params = model.state_dict(keep_vars=True)
+    loaded = set()
+    with torch.no_grad():
+        for file in files:
+            for raw_key, tensor in shard_tensors(file):
+                key = _rename_for(model, raw_key)
+                if key is None or key not in params or INV_FREQ.search(key):
+                    continue
+                if key == "lm_head.weight" and "lm_head.weight" in loaded:
+                    continue  # tied to word_embeddings, already loaded from it
+                params[key].copy_(tensor)
+                loaded.add(key)
+                if key == "transformer.word_embeddings.weight" and params.get("lm_head.weight") is params[key]:
+                    loaded.add("lm_head.weight")
+            # tensors of this shard go out of scope here, unmapping its file
+    _initialise_unloaded(model, params, loaded)
+    if ptuning_checkpoint is not None:
+        load_ptuning_checkpoint(model, ptuning_checkpoint)
+    model.eval()
+    return model
+
+
+def _check_keys(model, config, expected, found, strict):
+    tied = getattr(config, "tie_word_embeddings", True)
+    embed = "transformer.word_embeddings.weight" if "lm_head.weight" in expected else "word_embeddings.weight"
+    optional = {k for k in expected if INV_FREQ.search(k)}
+    prefix_keys = {k for k in expected if "prefix_encoder." in k}
+    if prefix_keys and not (prefix_keys & found.keys()):
+        optional |= prefix_keys  # a base checkpoint for P-Tuning: the prefix encoder starts fresh
+    if tied and "lm_head.weight" in expected and (embed in found or "lm_head.weight" in found):
+        optional |= {"lm_head.weight", embed}
+    missing = expected.keys() - found.keys() - optional
+    unexpected = {k for k in found.keys() - expected.keys() if not INV_FREQ.search(k)}
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_fmt_keys(unexpected)}")
+            if any("prefix_encoder." in k for k in unexpected) and config.pre_seq_len is None:
+                parts.append("the checkpoint holds a P-Tuning prefix encoder but config.pre_seq_len is None")
+        files = sorted({str(f) for f, _ in found.values()})
+        raise ValueError(f"checkpoint ({', '.join(files)}) does not match {type(model).__name__}: "
+                         + "; ".join(parts))
+    for key, (file, shape) in found.items():
+        if key in expected and shape != expected[key]:
+            raise ValueError(f"{key} in {file} has shape {list(shape)}, the model expects {list(expected[key])}"
+                             + _shape_hint(key, shape, config))
+
+
+def _shape_hint(key, shape, config) -> str:
+    if key.endswith("prefix_encoder.embedding.weight") and config.pre_seq_len is not None:
+        if shape[0] != config.pre_seq_len:
+            return f" (checkpoint trained with pre_seq_len={shape[0]}, model has pre_seq_len={config.pre_seq_len})"
+        width = 2 * config.num_layers * config.hidden_size
+        if config.prefix_projection and shape[1] == width:
+            return " (checkpoint trained with prefix_projection=False, model has prefix_projection=True)"
+        if not config.prefix_projection and shape[1] == config.hidden_size:
+            return " (checkpoint trained with prefix_projection=True, model has prefix_projection=False)"
+    return ""
+
+
+def _reset_buffers(model) -> None:
+    from .modeling import ChatGLMModel, RotaryEmbedding
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
+            if isinstance(module, ChatGLMModel) and module.pre_seq_len is not None:
+                module.prefix_tokens.copy_(torch.arange(module.pre_seq_len))
+
+
+def _initialise_unloaded(model, params, loaded) -> None:
+    """Give parameters the checkpoint did not hold (a fresh prefix encoder, non-strict loads) their default init."""
+    owners = {}
+    for key in params:
+        if key in loaded or INV_FREQ.search(key) or not isinstance(params[key], torch.nn.Parameter):
+            continue
+        owner = key.rsplit(".", 1)[0]
+        owners.setdefault(owner, model.get_submodule(owner))
+    for name, module in owners.items():
+        if not hasattr(module, "reset_parameters"):
+            raise ValueError(f"parameters of {name} were not in the checkpoint and it has no default init")
+        module.reset_parameters()
+
+
+# ---------------------------------------------------------------- P-Tuning v2
+
+
+def _base_model(model):
+    return getattr(model, model.base_model_prefix, model)
+
+
+def load_ptuning_checkpoint(model, path) -> None:
+    """Load a P-Tuning v2 checkpoint (keys `transformer.prefix_encoder.*` only) into `model`.
+
+    `path` is a directory (`pytorch_model.bin` as THUDM's trainer saves it,
+    `model.safetensors`, or sharded) or a weight file. Everything is checked
+    before the first tensor is copied, so a failed load leaves the model as it was.
+    """
+    base = _base_model(model)
+    if base.pre_seq_len is None:
+        raise ValueError("the model has no prefix encoder (config.pre_seq_len is None); build or load it with "
+                         "pre_seq_len equal to the checkpoint's")
+    files = checkpoint_files(path)
+    state = {}
+    for file in files:
+        for key, tensor in shard_tensors(file):
+            if key.startswith(PREFIX_KEY):
+                short = key[len(PREFIX_KEY):]
+            elif key.startswith("prefix_encoder."):
+                short = key[len("prefix_encoder."):]
+            else:
+                raise ValueError(f"{file} holds {key}, which is not a prefix-encoder key: a P-Tuning checkpoint "
+                                 "holds only transformer.prefix_encoder.* (load full weights with from_pretrained)")
+            state[short] = (file, tensor)
+    targets = base.prefix_encoder.state_dict(keep_vars=True)
+    has_trans = any(k.startswith("trans.") for k in state)
+    if has_trans != base.prefix_projection:
+        raise ValueError(f"P-Tuning checkpoint {path} was trained with prefix_projection={has_trans}, the model "
+                         f"has prefix_projection={base.prefix_projection}")
+    missing, unexpected = targets.keys() - state.keys(), state.keys() - targets.keys()
+    if missing or unexpected:
+        raise ValueError(f"P-Tuning checkpoint {path} does not match the prefix encoder: "
+                         f"missing {_fmt_keys(PREFIX_KEY + k for k in missing) or 'none'}, "
+                         f"unexpected {_fmt_keys(PREFIX_KEY + k for k in unexpected) or 'none'}")
+    for key, (file, tensor) in state.items():
+        if tuple(tensor.shape) != tuple(targets[key].shape):
+            raise ValueError(f"{PREFIX_KEY}{key} in {file} has shape {list(tensor.shape)}, the model expects "
+                             f"{list(targets[key].shape)}" + _shape_hint(PREFIX_KEY + key, tuple(tensor.shape),
+                                                                         base.config))
+    with torch.no_grad():
+        for key, (_, tensor) in state.items():
+            targets[key].copy_(tensor)
+
+
+def save_ptuning_checkpoint(model, directory) -> Path:
+    """Write the prefix encoder to `DIR/model.safetensors` (keys `transformer.prefix_encoder.*`) and `config.json`."""
+    base = _base_model(model)
+    if base.pre_seq_len is None:
+        raise ValueError("the model has no prefix encoder (config.pre_seq_len is None): nothing to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {PREFIX_KEY + k: v.detach().contiguous().cpu() for k, v in base.prefix_encoder.state_dict().items()}
+    target = directory / "model.safetensors"
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    base.config.save_pretrained(str(directory))
+    return target

@@ -1,0 +1,430 @@
+"""ChatGLM-6B (v1) with P-Tuning v2, drop-in for THUDM's `modeling_chatglm.py`.
+
+Same classes, parameter names, inputs and outputs as the original; the
+attention math runs through `glm_kernels.ops` (torch or Triton, chosen in
+`glm_kernels.backend`). Activations are sequence-first `[s, b, h]`; logits are
+batch-first `[b, s, vocab]`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from . import inputs as glm_inputs
+from . import ops
+from .configuration import ChatGLMConfig
+from .ops.rotary import inv_freq
+
+# The original GLMBlock's `num_layers` argument defaults to 28 and ChatGLMModel
+# never passes config.num_layers: alpha is sqrt(56) for every config.
+ALPHA = math.sqrt(2 * 28)
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2 prefix encoder: `[b, P]` prefix token ids -> `[b, P, 2 * num_layers * hidden]`.
+
+    Without `prefix_projection` an `Embedding(P, 2*L*h)`; with it an
+    `Embedding(P, h)` followed by `Linear(h, h) -> tanh -> Linear(h, 2*L*h)`.
+    """
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.prefix_projection = config.prefix_projection
+        width = 2 * config.num_layers * config.hidden_size
+        if self.prefix_projection:
+            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.trans = nn.Sequential(
+                nn.Linear(config.hidden_size, config.hidden_size),
+                nn.Tanh(),
+                nn.Linear(config.hidden_size, width),
+            )
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, width)
+
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(prefix)
+        return self.trans(x) if self.prefix_projection else x
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the original's `inv_freq` buffer so state dicts keep the same keys.
+
+    Loading ignores the buffer, as the original does (the released checkpoint
+    carries it for every layer); the tables themselves come from
+    `glm_kernels.ops.rotary_table`.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("inv_freq", inv_freq(dim))
+
+    def reset_parameters(self) -> None:
+        self.inv_freq.copy_(inv_freq(self.dim))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        pass
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer_id: int):
+        super().__init__()
+        h = config.hidden_size
+        self.layer_id = layer_id
+        self.num_attention_heads = config.num_attention_heads
+        self.hidden_size_per_attention_head = h // config.num_attention_heads
+        self.rotary_emb = RotaryEmbedding(self.hidden_size_per_attention_head // 2)
+        self.query_key_value = nn.Linear(h, 3 * h)
+        self.dense = nn.Linear(h, h)
+
+    def forward(self, hidden_states, position_ids, attention_mask, rotary, layer_past=None, use_cache=False,
+                output_attentions=False, backend=None):
+        s, b, _ = hidden_states.shape
+        nh, hd = self.num_attention_heads, self.hidden_size_per_attention_head
+        mixed = self.query_key_value(hidden_states).view(s, b, nh, 3 * hd)
+        q, k, v = mixed.split(hd, dim=-1)
+        q, k = ops.apply_rotary_2d(q, k, rotary[0], rotary[1], position_ids, backend=backend)
+        if layer_past is not None:
+            k = torch.cat((layer_past[0], k), dim=0)
+            v = torch.cat((layer_past[1], v), dim=0)
+        present = (k, v) if use_cache else None
+        context, probs = ops.glm_attention(q, k, v, self.layer_id, attention_mask, output_attentions,
+                                           backend=backend)
+        return self.dense(context), present, probs
+
+
+class MLP(nn.Module):
+    """`dense_4h_to_h(gelu(dense_h_to_4h(x)))` (the original calls this class GLU)."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x, backend=None):
+        inner = ops.bias_gelu(F.linear(x, self.dense_h_to_4h.weight), self.dense_h_to_4h.bias, backend=backend)
+        return self.dense_4h_to_h(inner)
+
+
+class GLMBlock(nn.Module):
+    """`a = LN_in(x); m = LN_post(a*alpha + attn(a)); out = m*alpha + mlp(m)`."""
+
+    def __init__(self, config: ChatGLMConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.eps = config.layernorm_epsilon
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=self.eps)
+        self.attention = SelfAttention(config, layer_id)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=self.eps)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden_states, position_ids, attention_mask, rotary, layer_past=None, use_cache=False,
+                output_attentions=False, backend=None):
+        ln_in, ln_post = self.input_layernorm, self.post_attention_layernorm
+        a = ops.layer_norm(hidden_states, ln_in.weight, ln_in.bias, self.eps, backend=backend)
+        attn, present, probs = self.attention(a, position_ids, attention_mask, rotary, layer_past, use_cache,
+                                              output_attentions, backend)
+        m = ops.residual_layer_norm(a, attn, ALPHA, ln_post.weight, ln_post.bias, self.eps, backend=backend)
+        out = m * ALPHA + self.mlp(m, backend)
+        return out, present, probs
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    """Base class: config, loading (`from_pretrained`, P-Tuning checkpoints), masks and positions."""
+
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Modules keep PyTorch's default initialisation; checkpoints overwrite it.
+        return
+
+    def get_masks(self, input_ids, device=None):
+        """Bool `[b, 1, s, s]` GLM mask (True = may not attend), as the original's `get_masks`."""
+        return glm_inputs.get_masks(input_ids, self.config.bos_token_id).to(device or input_ids.device)
+
+    def get_position_ids(self, input_ids, mask_positions=None, device=None, use_gmasks=None):
+        """`[b, 2, s]` positions and block positions, as the original's `get_position_ids`.
+
+        `mask_positions` (one index per row) overrides the [gMASK]/[MASK] lookup.
+        """
+        cfg = self.config
+        position_ids = glm_inputs.get_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
+                                                   cfg.gmask_token_id, mask_positions)
+        return position_ids.to(device or input_ids.device)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, torch_dtype=None,
+                        dtype=None, ptuning_checkpoint=None, device=None, strict=True, **kwargs):
+        """Load an original ChatGLM-6B checkpoint directory (see `glm_kernels.loading.from_pretrained`)."""
+        from .loading import from_pretrained
+
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments, got {model_args}")
+        return from_pretrained(cls, pretrained_model_name_or_path, config=config,
+                               dtype=dtype if dtype is not None else torch_dtype,
+                               ptuning_checkpoint=ptuning_checkpoint, device=device, strict=strict, **kwargs)
+
+    def load_ptuning_checkpoint(self, path) -> None:
+        """Load a P-Tuning v2 checkpoint (only `transformer.prefix_encoder.*` keys) into this model."""
+        from .loading import load_ptuning_checkpoint
+
+        load_ptuning_checkpoint(self, path)
+
+    def save_ptuning_checkpoint(self, directory) -> None:
+        """Save only the prefix encoder, as `DIR/model.safetensors` with full key names, plus `config.json`."""
+        from .loading import save_ptuning_checkpoint
+
+        save_ptuning_checkpoint(self, directory)
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    """The GLM transformer: embeddings, `num_layers` GLM blocks, final LayerNorm.
+
+    `forward` returns `last_hidden_state` sequence-first `[s, b, h]`, like the original.
+    """
+
+    def __init__(self, config: ChatGLMConfig, empty_init: bool = True):
+        # `empty_init` is accepted for drop-in compatibility; loading builds the
+        # model on the meta device instead, so it changes nothing here.
+        config.validate_model_shape()
+        super().__init__(config)
+        self.num_layers = config.num_layers
+        self.hidden_size = config.hidden_size
+        self.num_attention_heads = config.num_attention_heads
+        self.hidden_size_per_attention_head = config.hidden_size // config.num_attention_heads
+        self.pre_seq_len = config.pre_seq_len
+        self.prefix_projection = config.prefix_projection
+        self.gradient_checkpointing = False
+
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+        if self.pre_seq_len is not None:
+            for param in self.parameters():
+                param.requires_grad = False
+            self.register_buffer("prefix_tokens", torch.arange(self.pre_seq_len), persistent=False)
+            self.prefix_encoder = PrefixEncoder(config)
+            self.dropout = nn.Dropout(0.1)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.word_embeddings = new_embeddings
+
+    def get_prompt(self, batch_size, device, dtype=torch.half):
+        """The P-Tuning v2 prefix: per layer a `(key, value)` pair, each `[P, b, nh, hd]` in `dtype`."""
+        tokens = self.prefix_tokens.to(device).unsqueeze(0).expand(batch_size, -1)
+        past = self.prefix_encoder(tokens).type(dtype)
+        past = past.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.num_attention_heads,
+                         self.hidden_size_per_attention_head)
+        past = self.dropout(past)
+        return past.permute([2, 1, 0, 3, 4]).split(2)
+
+    def _check_inputs(self, input_ids, inputs_embeds, past_key_values):
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("You have to specify either input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
+                                 f"{tuple(input_ids.shape)}")
+            if input_ids.numel() == 0:
+                raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"input_ids holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        if past_key_values is not None:
+            if not isinstance(past_key_values, (tuple, list)) or len(past_key_values) != self.num_layers:
+                raise TypeError(
+                    f"past_key_values must be a tuple of {self.num_layers} (key, value) pairs "
+                    f"[seq, batch, heads, head_dim], got {type(past_key_values).__name__}"
+                    + (f" of length {len(past_key_values)}" if isinstance(past_key_values, (tuple, list)) else "")
+                )
+
+    def _check_positions(self, position_ids, batch, seq, past_length):
+        if position_ids.dim() != 3 or tuple(position_ids.shape) != (batch, 2, seq):
+            raise ValueError(f"position_ids must be [batch, 2, seq] = [{batch}, 2, {seq}], got "
+                             f"{tuple(position_ids.shape)}")
+        limit = self.config.max_sequence_length
+        if past_length + seq > limit:
+            raise ValueError(f"sequence length {past_length + seq} (past {past_length} + new {seq}) exceeds "
+                             f"max_sequence_length={limit}")
+        lo, hi = int(position_ids.min()), int(position_ids.max())
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"position_ids holds {lo if lo < 0 else hi}, outside [0, max_sequence_length={limit})")
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        """Args as the original: `input_ids [b, s]`, `position_ids [b, 2, s]`, `attention_mask`
+        bool `[b, 1, s, past + s]` (True = may not attend; prefix columns are added here),
+        `past_key_values` a tuple of per-layer `(key, value)` `[past, b, nh, hd]`.
+        """
+        cfg = self.config
+        output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
+        use_cache = use_cache if use_cache is not None else cfg.use_cache
+        return_dict = return_dict if return_dict is not None else cfg.return_dict
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        self._check_inputs(input_ids, inputs_embeds, past_key_values)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        dtype, device = inputs_embeds.dtype, inputs_embeds.device
+
+        if past_key_values is None:
+            needs_ids = attention_mask is None or position_ids is None
+            if needs_ids and input_ids is None:
+                raise ValueError("with inputs_embeds and no input_ids, pass attention_mask and position_ids")
+            if self.pre_seq_len is not None:
+                past_key_values = self.get_prompt(batch, device, dtype)
+            else:
+                past_key_values = (None,) * self.num_layers
+            if attention_mask is None:
+                attention_mask = self.get_masks(input_ids, device)
+            if position_ids is None:
+                position_ids = self.get_position_ids(input_ids, device=device)
+            past_length = 0
+        else:
+            if position_ids is None:
+                raise ValueError("position_ids are required with past_key_values (e.g. [[mask_position], "
+                                 "[block_position]] per row for the next token)")
+            past_length = past_key_values[0][0].shape[0] - (self.pre_seq_len or 0)
+        self._check_positions(position_ids, batch, seq, past_length)
+
+        key_length = past_length + seq
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or \
+                    attention_mask.shape[1] != 1 or attention_mask.shape[0] not in (1, batch) or \
+                    tuple(attention_mask.shape[2:]) != (seq, key_length):
+                raise ValueError(
+                    f"attention_mask must be a bool tensor [batch, 1, seq, past + seq] = [{batch}, 1, {seq}, "
+                    f"{key_length}] (True = may not attend), got {attention_mask.dtype} "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            if self.pre_seq_len is not None:
+                prefix = attention_mask.new_zeros(attention_mask.shape[0], 1, seq, self.pre_seq_len)
+                attention_mask = torch.cat((prefix, attention_mask), dim=3)
+
+        rotary = ops.rotary_table(cfg.max_sequence_length, self.hidden_size_per_attention_head // 2, dtype,
+                                  device)
+        backend = cfg.kernel_backend
+        hidden_states = inputs_embeds.transpose(0, 1)
+        presents = () if use_cache else None
+        all_attentions = () if output_attentions else None
+        all_hidden_states = () if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            args = (hidden_states, position_ids, attention_mask, rotary, past_key_values[i], use_cache,
+                    output_attentions, backend)
+            if self.gradient_checkpointing and self.training:
+                hidden_states, present, probs = self._gradient_checkpointing_func(layer.__call__, *args)
+            else:
+                hidden_states, present, probs = layer(*args)
+            if use_cache:
+                presents += (present,)
+            if output_attentions:
+                all_attentions += (probs.reshape(-1, *probs.shape[2:]),)
+
+        ln = self.final_layernorm
+        hidden_states = ops.layer_norm(hidden_states, ln.weight, ln.bias, ln.eps, backend=backend)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, presents, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=presents,
+                                       hidden_states=all_hidden_states, attentions=all_attentions)
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    """ChatGLM-6B language model: `ChatGLMModel` + `lm_head` (no bias), tied to the embeddings by default."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config: ChatGLMConfig, empty_init: bool = True):
+        config.validate_model_shape()
+        super().__init__(config)
+        self.max_sequence_length = config.max_sequence_length
+        self.position_encoding_2d = config.position_encoding_2d
+        self.transformer = ChatGLMModel(config, empty_init=empty_init)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        if config.pre_seq_len is not None:
+            self.lm_head.weight.requires_grad = False
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
+        """As `ChatGLMModel.forward`, plus `labels [b, s]` (-100 = ignored) for the shifted LM loss.
+
+        Returns logits `[b, s, vocab]`; with labels, the loss of fp32 logits
+        (returned in the model dtype, as the original does).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is not None:
+            expected = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+            if tuple(labels.shape) != expected:
+                raise ValueError(f"labels must be [batch, seq] = {list(expected)}, got {list(labels.shape)}")
+        outputs = self.transformer(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(hidden_states).permute(1, 0, 2).contiguous()
+        loss = None
+        if labels is not None:
+            shift_logits = logits.float()[:, :-1, :]
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            loss = loss.to(hidden_states.dtype)
+        if not return_dict:
+            rest = tuple(v for v in (outputs.past_key_values, outputs.hidden_states, outputs.attentions)
+                         if v is not None)
+            return ((loss,) if loss is not None else ()) + (logits,) + rest
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)

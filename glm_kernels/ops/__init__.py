@@ -1,0 +1,20 @@
+"""Fused ops of the GLM block, one module per op.
+
+Each function here is what the model calls; the implementation behind it
+(torch now, Triton kernels on CUDA) is chosen in `glm_kernels.backend`.
+"""
+from .attention import glm_attention
+from .gelu import bias_gelu
+from .layernorm import layer_norm, residual_layer_norm
+from .rotary import apply_rotary_2d, rotary_table
+from .softmax import scaled_masked_softmax
+
+__all__ = [
+    "apply_rotary_2d",
+    "bias_gelu",
+    "glm_attention",
+    "layer_norm",
+    "residual_layer_norm",
+    "rotary_table",
+    "scaled_masked_softmax",
+]

@@ -1,0 +1,37 @@
+"""LayerNorm and the alpha-scaled residual LayerNorm of the GLM block.
+
+The block joins its residuals as `h = a * alpha + attn(a)` and
+`out = m * alpha + mlp(m)` where `a`, `m` are LayerNorm outputs; the first
+join feeds `post_attention_layernorm`: `m = LayerNorm(a * alpha + attn)`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import dispatch, register
+
+
+@register("layernorm", "torch")
+def _layernorm_torch(x, residual, alpha, weight, bias, eps):
+    if residual is not None:
+        x = x * alpha + residual
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def residual_layer_norm(x, residual, alpha: float, weight, bias, eps: float, backend: str | None = None):
+    """`LayerNorm(x * alpha + residual)` over the last axis.
+
+    Args:
+        x, residual: `[..., h]`, same shape and dtype (fp32/fp16/bf16).
+        alpha: residual scale (sqrt(56) in ChatGLM-6B).
+        weight, bias: `[h]`; eps: LayerNorm epsilon.
+    Returns:
+        `[..., h]` in the dtype of x.
+    """
+    return dispatch("layernorm", x.device, backend)(x, residual, alpha, weight, bias, eps)
+
+
+def layer_norm(x, weight, bias, eps: float, backend: str | None = None):
+    """Plain `LayerNorm(x)` over the last axis, through the same op."""
+    return dispatch("layernorm", x.device, backend)(x, None, 1.0, weight, bias, eps)

@@ -1,0 +1,80 @@
+"""2D rotary position embedding of ChatGLM-6B.
+
+Each head vector (head dim hd) is split in two halves of hd/2: the first is
+rotated by the token position, the second by the block position. Within a
+half, the rotation is the half-split form `x*cos + rotate_half(x)*sin` with
+`rotate_half(x) = cat(-x[hd/4:], x[:hd/4])`.
+
+Rotary tables follow the original (`RotaryEmbedding` in THUDM's code):
+`inv_freq = 1/10000**(arange(0, d, 2)/d)` rounded to fp16, `d = hd/2`.
+- fp16 model: positions, products and cos/sin in fp16, as the original does.
+- fp32 (and fp64) model: the same computed in that dtype.
+- bf16 model (our choice, see README): the table is computed in fp32 and
+  rounded to bf16 once. The original computes it in bf16, where positions
+  above 256 are no longer exact integers (bf16 keeps 8 significant bits), so
+  positions 257 and 256 would share a rotation.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import dispatch, register
+
+
+def inv_freq(rot_dim: int) -> torch.Tensor:
+    """fp16-rounded inverse frequencies, `[rot_dim // 2]`, returned as fp16."""
+    return (1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))).half()
+
+
+@functools.lru_cache(maxsize=32)
+def rotary_table(n: int, rot_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """`(cos, sin)`, each `[n, rot_dim]` in `dtype` on `device`, for positions `0..n-1`."""
+    freq16 = inv_freq(rot_dim)
+    if dtype == torch.float16:
+        t = torch.arange(n, dtype=torch.float16)
+        # A product of two fp16 numbers is exact in fp32; rounding it to fp16 is
+        # the fp16 multiply the original performs.
+        freqs = (t.float()[:, None] * freq16.float()[None, :]).half()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.float().cos().half(), emb.float().sin().half()
+    else:
+        work = torch.float32 if dtype == torch.bfloat16 else dtype
+        t = torch.arange(n, dtype=work)
+        freqs = torch.outer(t, freq16.to(work))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    return cos.to(device), sin.to(device)
+
+
+def _rotate_half_2d(x: torch.Tensor) -> torch.Tensor:
+    """`rotate_half` applied to each of the two halves of the last axis."""
+    x4 = x.unflatten(-1, (2, 2, x.shape[-1] // 4))
+    return torch.stack((-x4[..., 1, :], x4[..., 0, :]), dim=-2).flatten(-3)
+
+
+@register("rotary", "torch")
+def _rotary_torch(q, k, cos, sin, position_ids):
+    pos = position_ids[:, 0, :].t()
+    block = position_ids[:, 1, :].t()
+    c = torch.cat((F.embedding(pos, cos), F.embedding(block, cos)), dim=-1).unsqueeze(2)
+    s = torch.cat((F.embedding(pos, sin), F.embedding(block, sin)), dim=-1).unsqueeze(2)
+    return q * c + _rotate_half_2d(q) * s, k * c + _rotate_half_2d(k) * s
+
+
+def apply_rotary_2d(q, k, cos, sin, position_ids, backend: str | None = None):
+    """Rotate queries and keys by GLM's 2D positions.
+
+    Args:
+        q, k: `[s, b, nh, hd]`, any strides, fp32/fp16/bf16.
+        cos, sin: `[n, hd/2]` tables in the dtype of q (`rotary_table`).
+        position_ids: `[b, 2, s]` int64; row 0 token positions, row 1 block
+            positions, each `< n`.
+    Returns:
+        `(q_rot, k_rot)`, `[s, b, nh, hd]` in the dtype of q.
+    """
+    if cos.dtype != q.dtype or sin.dtype != q.dtype:
+        raise TypeError(f"rotary tables are {cos.dtype}/{sin.dtype} but q is {q.dtype}")
+    return dispatch("rotary", q.device, backend)(q, k, cos, sin, position_ids)
