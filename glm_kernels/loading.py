@@ -70,11 +70,12 @@ def checkpoint_files(path) -> list[Path]:
 
 def _load_bin(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise ValueError(f"cannot read checkpoint file {path}: {err}") from err
-        state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as err:
         raise ValueError(f"cannot read checkpoint file {path}: {err}") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -53,33 +53,46 @@ def apply_rotary(q, k, cos, sin, position_id):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def rotary_2d(q, k, position_ids):
+    """2D rotary: first halves of q, k by positions, second halves by block positions. `[s, b, nh, hd]`."""
+    q1, q2 = q.chunk(2, dim=-1)
+    k1, k2 = k.chunk(2, dim=-1)
+    cos, sin = rotary_tables(int(position_ids.max()) + 1, q.shape[-1] // 2, q.dtype)
+    q1, k1 = apply_rotary(q1, k1, cos, sin, position_ids[:, 0, :].t())
+    q2, k2 = apply_rotary(q2, k2, cos, sin, position_ids[:, 1, :].t())
+    return torch.cat([q1, q2], dim=-1), torch.cat([k1, k2], dim=-1)
+
+
+def attention_core(q, k, v, mask, layer_id):
+    """q `[sq, b, nh, hd]`, k/v `[sk, b, nh, hd]`, mask bool `[b, 1, sq, sk]` or None.
+
+    Returns (context `[sq, b, nh*hd]`, probs `[b, nh, sq, sk]`).
+    """
+    sq, b, nh, hd = q.shape
+    sk = k.shape[0]
+    coeff = float(layer_id + 1)
+    q = q / (math.sqrt(hd) * coeff)
+    scores = torch.bmm(q.reshape(sq, b * nh, hd).transpose(0, 1),
+                       k.reshape(sk, b * nh, hd).transpose(0, 1).transpose(1, 2))
+    scores = scores.view(b, nh, sq, sk)
+    if mask is not None and bool(mask.any()):
+        scores = scores.masked_fill(mask, -10000.0)
+    probs = F.softmax(scores.float() * coeff, dim=-1).to(q.dtype)
+    ctx = torch.bmm(probs.view(b * nh, sq, sk), v.reshape(sk, b * nh, hd).transpose(0, 1))
+    return ctx.view(b, nh, sq, hd).permute(2, 0, 1, 3).reshape(sq, b, nh * hd), probs
+
+
 def self_attention(p, pre, x, position_ids, mask, layer_id, layer_past, num_heads):
     """One layer's attention. x `[s, b, h]`; returns (output, (k, v), probs `[b, nh, sq, sk]`)."""
     sq, b, h = x.shape
     hd = h // num_heads
     mixed = F.linear(x, p[pre + "query_key_value.weight"], p[pre + "query_key_value.bias"])
     q, k, v = mixed.view(sq, b, num_heads, 3 * hd).split(hd, dim=-1)
-    q1, q2 = q.chunk(2, dim=-1)
-    k1, k2 = k.chunk(2, dim=-1)
-    cos, sin = rotary_tables(int(position_ids.max()) + 1, hd // 2, x.dtype)
-    q1, k1 = apply_rotary(q1, k1, cos, sin, position_ids[:, 0, :].t())
-    q2, k2 = apply_rotary(q2, k2, cos, sin, position_ids[:, 1, :].t())
-    q, k = torch.cat([q1, q2], dim=-1), torch.cat([k1, k2], dim=-1)
+    q, k = rotary_2d(q, k, position_ids)
     if layer_past is not None:
         k = torch.cat((layer_past[0], k), dim=0)
         v = torch.cat((layer_past[1], v), dim=0)
-    sk = k.shape[0]
-
-    coeff = float(layer_id + 1)
-    q = q / (math.sqrt(hd) * coeff)
-    scores = torch.bmm(q.reshape(sq, b * num_heads, hd).transpose(0, 1),
-                       k.reshape(sk, b * num_heads, hd).transpose(0, 1).transpose(1, 2))
-    scores = scores.view(b, num_heads, sq, sk)
-    if mask is not None and bool(mask.any()):
-        scores = scores.masked_fill(mask, -10000.0)
-    probs = F.softmax(scores.float() * coeff, dim=-1).to(x.dtype)
-    ctx = torch.bmm(probs.view(b * num_heads, sq, sk), v.reshape(sk, b * num_heads, hd).transpose(0, 1))
-    ctx = ctx.view(b, num_heads, sq, hd).permute(2, 0, 1, 3).reshape(sq, b, h)
+    ctx, probs = attention_core(q, k, v, mask, layer_id)
     out = F.linear(ctx, p[pre + "dense.weight"], p[pre + "dense.bias"])
     return out, (k, v), probs
 

@@ -60,14 +60,18 @@ def write_checkpoint(directory: Path, config: ChatGLMConfig, shards: int, fmt: s
     per_shard = -(-len(keys) // shards)
     ext = "safetensors" if fmt == "safetensors" else "bin"
     prefix = "model" if fmt == "safetensors" else "pytorch_model"
-    weight_map, total = {}, 0
+    weight_map, total, embedding = {}, 0, None
     gen = torch.Generator().manual_seed(0)
     for i in tqdm(range(shards), desc="write shards"):
         name = f"{prefix}-{i + 1:05d}-of-{shards:05d}.{ext}"
         part = {}
         for k in keys[i * per_shard:(i + 1) * per_shard]:
-            t = torch.empty(shapes[k], dtype=torch.float16)
-            t.normal_(0, 0.02, generator=gen)
+            if k == "lm_head.weight" and config.tie_word_embeddings:
+                t = embedding  # the released checkpoint stores the tied head as a copy of the embeddings
+            else:
+                t = torch.empty(shapes[k], dtype=torch.float16).normal_(0, 0.02, generator=gen)
+            if k == "transformer.word_embeddings.weight":
+                embedding = t
             part[k] = t
             weight_map[k] = name
             total += t.numel() * 2

@@ -1,0 +1,30 @@
+"""Benchmark setup: times are reported as ratios against the reference measured in the same run.
+
+Each benchmark sets `benchmark.group` to the case and `benchmark.extra_info["impl"]`
+to "glm_kernels" or "reference"; after the run a table of medians and
+reference / glm_kernels ratios (> 1 means glm_kernels is faster) is printed.
+"""
+import torch
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    groups = {}
+    for bench in session.benchmarks:
+        impl = bench.extra_info.get("impl")
+        if impl and bench.stats:
+            groups.setdefault(bench.group, {})[impl] = bench.stats.median
+    rows = [(g, v.get("glm_kernels"), v.get("reference")) for g, v in sorted(groups.items())]
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "glm_kernels vs reference (median, same run)")
+    tr.write_line(f"{'case':<48} {'glm_kernels ms':>15} {'reference ms':>13} {'speedup':>8}")
+    for group, ours, ref in rows:
+        ratio = f"{ref / ours:.2f}x" if ours and ref else "-"
+        fmt = lambda t: f"{t * 1e3:.3f}" if t else "-"  # noqa: E731
+        tr.write_line(f"{group:<48} {fmt(ours):>15} {fmt(ref):>13} {ratio:>8}")

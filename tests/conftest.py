@@ -1,0 +1,37 @@
+"""Test setup: the Triton interpreter (set before anything imports triton) and shared fixtures."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from glm_kernels.demo import tiny_config  # noqa: E402
+from glm_kernels.modeling import ChatGLMForConditionalGeneration  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize(model, std=0.1):
+    """Give LayerNorms and biases non-trivial values so every parameter matters in a comparison."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(1 + std * torch.randn_like(p) if name.endswith("weight") else std * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(std * torch.randn_like(p))
+    return model
+
+
+def make_model(dtype=torch.float32, **overrides):
+    """A tiny random model; the head is tied to the embeddings as in ChatGLM-6B unless overridden."""
+    model = ChatGLMForConditionalGeneration(tiny_config(**{"tie_word_embeddings": True, **overrides}))
+    return randomize(model).to(dtype).eval()
+
+
+@pytest.fixture
+def cfg():
+    return tiny_config()

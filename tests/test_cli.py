@@ -1,0 +1,27 @@
+"""The `glm-kernels` entry point."""
+import os
+import re
+import subprocess
+import sys
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "glm_kernels.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_demo_reports_backend_and_matches_reference():
+    out = run_cli("demo", "--new-tokens", "6", env={"GLM_KERNELS_BACKEND": "torch"})
+    assert out.returncode == 0, out.stderr
+    assert "backend: torch  dtype: float32" in out.stdout
+    diff, scale = map(float, re.search(r"reference\|: (\S+) \(scale max\|ref\| = (\S+)\)", out.stdout).groups())
+    assert diff <= 1e-4 * scale  # GLM_SPEC fp32 model rule
+    assert "greedy tokens identical to the reference: True" in out.stdout
+    tokens = re.search(r"greedy tokens: \[(.*)\]", out.stdout).group(1).split(",")
+    assert len(tokens) == 6
+
+
+def test_demo_rejects_unknown_backend_in_environment():
+    out = run_cli("demo", env={"GLM_KERNELS_BACKEND": "cuda"})
+    assert out.returncode != 0
+    assert "GLM_KERNELS_BACKEND is 'cuda'" in out.stderr

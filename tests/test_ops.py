@@ -1,0 +1,139 @@
+"""Each op (torch backend) against the reference's unfused ops, and the backend switch."""
+import math
+
+import pytest
+import torch
+
+from glm_kernels import backend, ops, reference
+from helpers import assert_fp32_close, assert_lowp_close
+
+LOWP = [torch.float16, torch.bfloat16]
+
+
+def _positions(b, s, n=64):
+    return torch.randint(0, n, (b, 2, s))
+
+
+@pytest.mark.parametrize("hd", [64, 128])
+def test_rotary_matches_reference_fp32(hd):
+    q, k = torch.randn(2, 7, 3, 4, hd).unbind(0)
+    pos = _positions(3, 7)
+    cos, sin = ops.rotary_table(64, hd // 2, torch.float32)
+    out = ops.apply_rotary_2d(q, k, cos, sin, pos, backend="torch")
+    ref = reference.rotary_2d(q, k, pos)
+    for o, r in zip(out, ref):
+        assert_fp32_close(o, r, 1e-5, "rotary fp32")  # element-wise rule
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_rotary_matches_reference_low_precision(dtype):
+    q, k = torch.randn(2, 9, 2, 4, 128).unbind(0)
+    pos = _positions(2, 9, n=2048)
+    cos, sin = ops.rotary_table(2048, 64, dtype)
+    out = ops.apply_rotary_2d(q.to(dtype), k.to(dtype), cos, sin, pos)
+    ref32 = reference.rotary_2d(q, k, pos)
+    reflow = reference.rotary_2d(q.to(dtype), k.to(dtype), pos)
+    for o, rl, r32 in zip(out, reflow, ref32):
+        assert_lowp_close(o, rl, r32, f"rotary {dtype}")
+
+
+def test_rotary_rejects_tables_of_another_dtype():
+    q = torch.randn(2, 1, 1, 64, dtype=torch.float16)
+    cos, sin = ops.rotary_table(8, 32, torch.float32)
+    with pytest.raises(TypeError, match="float32.*float16"):
+        ops.apply_rotary_2d(q, q, cos, sin, torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def _attn_inputs(sq, sk, b=2, nh=4, hd=64, dtype=torch.float32):
+    q = torch.randn(sq, b, nh, hd)
+    k = torch.randn(sk, b, nh, hd)
+    v = torch.randn(sk, b, nh, hd)
+    mask = torch.rand(b, 1, sq, sk) < 0.3
+    mask[0, :, 1, :] = True  # an all-masked row
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("layer_id", [0, 27])
+def test_attention_matches_reference_fp32(layer_id):
+    q, k, v, mask = _attn_inputs(7, 12)
+    ctx, probs = ops.glm_attention(q, k, v, layer_id, mask, output_attentions=True)
+    ref_ctx, ref_probs = reference.attention_core(q, k, v, mask, layer_id)
+    assert_fp32_close(ctx, ref_ctx, 1e-4, "attention context")  # attention rule
+    assert_fp32_close(probs, ref_probs, 1e-4, "attention probs")
+    assert torch.isfinite(ctx).all()
+    # the all-masked row attends uniformly: its context is the mean of v
+    assert torch.allclose(ctx[1, 0].view(4, 64), v[:, 0].mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_attention_matches_reference_low_precision(dtype):
+    q, k, v, mask = _attn_inputs(5, 9)
+    ctx, _ = ops.glm_attention(q.to(dtype), k.to(dtype), v.to(dtype), 3, mask)
+    ref32, _ = reference.attention_core(q, k, v, mask, 3)
+    reflow, _ = reference.attention_core(q.to(dtype), k.to(dtype), v.to(dtype), mask, 3)
+    assert_lowp_close(ctx, reflow, ref32, f"attention {dtype}")
+
+
+def test_attention_gradients_match_reference():
+    q, k, v, mask = _attn_inputs(6, 10)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    g = torch.randn(6, 2, 4 * 64)
+    ops.glm_attention(*leaves, 2, mask)[0].backward(g)
+    reference.attention_core(*ref_leaves, mask, 2)[0].backward(g)
+    for a, r in zip(leaves, ref_leaves):
+        assert_fp32_close(a.grad, r.grad, 1e-4, "attention grad")
+
+
+def test_softmax_uniform_on_all_masked_rows_fp16():
+    scores = (torch.randn(1, 2, 3, 5) * 30).half()
+    mask = torch.zeros(1, 1, 3, 5, dtype=torch.bool)
+    mask[..., 0, :] = True
+    mask[..., 1, 3:] = True
+    p = ops.scaled_masked_softmax(scores, mask, 28.0)
+    assert p.dtype == torch.float16 and torch.isfinite(p).all()
+    assert torch.equal(p[..., 0, :], torch.full_like(p[..., 0, :], 0.2))
+    assert (p[..., 1, 3:] == 0).all()
+    expected = torch.softmax(scores.float() * 28.0, -1)
+    assert torch.allclose(p[..., 2, :].float(), expected[..., 2, :], atol=1e-3)
+
+
+def test_residual_layernorm_matches_reference():
+    x, r = torch.randn(2, 5, 3, 64).unbind(0)
+    w, b = torch.randn(64), torch.randn(64)
+    out = ops.residual_layer_norm(x, r, reference.ALPHA, w, b, 1e-5)
+    ref = torch.nn.functional.layer_norm(x * reference.ALPHA + r, (64,), w, b, 1e-5)
+    assert_fp32_close(out, ref, 1e-5, "residual layernorm")
+    assert_fp32_close(ops.layer_norm(x, w, b, 1e-5), torch.nn.functional.layer_norm(x, (64,), w, b, 1e-5),
+                      1e-5, "layernorm")
+
+
+def test_bias_gelu_matches_reference():
+    x, b = torch.randn(4, 3, 96) * 3, torch.randn(96)
+    assert_fp32_close(ops.bias_gelu(x, b), reference.gelu(x + b), 1e-5, "bias gelu")
+    xr = x.clone().requires_grad_()
+    xg = x.clone().requires_grad_()
+    ops.bias_gelu(xr, b).sum().backward()
+    reference.gelu(xg + b).sum().backward()
+    assert_fp32_close(xr.grad, xg.grad, 1e-5, "bias gelu grad")
+
+
+def test_backend_by_device_and_environment(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    assert backend.resolve("attention", "cpu") == "torch"
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
+    assert backend.resolve("attention", "cpu") == "torch"
+    monkeypatch.setenv(backend.ENV_VAR, "cuda-please")
+    with pytest.raises(ValueError, match="GLM_KERNELS_BACKEND is 'cuda-please'"):
+        backend.resolve("attention", "cpu")
+    # the argument beats the environment
+    assert backend.resolve("attention", "cpu", "torch") == "torch"
+    with pytest.raises(ValueError, match="backend argument is 'nope'"):
+        backend.resolve("attention", "cpu", "nope")
+
+
+def test_explicit_backend_is_strict():
+    backend.register("_probe_op", "torch")(lambda: "torch impl")
+    with pytest.raises(ValueError, match="op '_probe_op' has no triton implementation"):
+        backend.dispatch("_probe_op", "cpu", "triton")
+    assert backend.dispatch("_probe_op", "cuda")() == "torch impl"  # by-device choice falls back in order
