@@ -25,6 +25,24 @@ ENV_VAR = "GLM_KERNELS_BACKEND"
 BACKENDS = ("torch", "triton")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {}
+_TRITON_STATE = {"loaded": False, "error": None}
+
+
+def _load_triton_kernels() -> None:
+    """Import `glm_kernels.kernels` once, registering the Triton implementations."""
+    if _TRITON_STATE["loaded"]:
+        return
+    _TRITON_STATE["loaded"] = True
+    try:
+        from . import kernels
+
+        kernels.load_all()
+    except ImportError as err:  # no triton on this machine: the torch backend serves every op
+        _TRITON_STATE["error"] = err
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -66,18 +84,25 @@ def _device_preference(device: torch.device) -> tuple[str, ...]:
 
 def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
     """Name of the backend that runs `op` on `device`."""
+    _load_triton_kernels()
+    device = torch.device(device)
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no op named {op!r} is registered; known ops: {sorted(_REGISTRY)}")
     explicit = requested_backend(backend)
     if explicit is not None:
         if explicit not in impls:
+            why = f"; triton could not be imported: {_TRITON_STATE['error']}" if _TRITON_STATE["error"] else ""
             raise ValueError(
                 f"backend {explicit!r} was requested but op {op!r} has no {explicit} implementation "
-                f"(available: {', '.join(impls)})"
+                f"(available: {', '.join(impls)}){why}"
             )
+        if explicit == "triton" and device.type != "cuda" and not _interpreting():
+            raise ValueError(f"backend 'triton' was requested for op {op!r} on a {device.type} tensor: Triton "
+                             "kernels need CUDA tensors, or TRITON_INTERPRET=1 (set before triton is imported) "
+                             "to run on the CPU interpreter")
         return explicit
-    for name in _device_preference(torch.device(device)):
+    for name in _device_preference(device):
         if name in impls:
             return name
     raise ValueError(f"op {op!r} has no implementation for device {device} (available: {', '.join(impls)})")

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from . import inputs as glm_inputs
 from . import ops
 from .configuration import ChatGLMConfig
+from .ops.mask import GLMMask
 from .ops.rotary import inv_freq
 
 # The original GLMBlock's `num_layers` argument defaults to 28 and ChatGLMModel
@@ -86,17 +87,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden_states, position_ids, attention_mask, rotary, layer_past=None, use_cache=False,
                 output_attentions=False, backend=None):
-        s, b, _ = hidden_states.shape
-        nh, hd = self.num_attention_heads, self.hidden_size_per_attention_head
-        mixed = self.query_key_value(hidden_states).view(s, b, nh, 3 * hd)
-        q, k, v = mixed.split(hd, dim=-1)
-        q, k = ops.apply_rotary_2d(q, k, rotary[0], rotary[1], position_ids, backend=backend)
-        if layer_past is not None:
-            k = torch.cat((layer_past[0], k), dim=0)
-            v = torch.cat((layer_past[1], v), dim=0)
-        present = (k, v) if use_cache else None
-        context, probs = ops.glm_attention(q, k, v, self.layer_id, attention_mask, output_attentions,
+        mixed = self.query_key_value(hidden_states)
+        q, k, v = ops.rope_qkv(mixed, position_ids, rotary[0], rotary[1], self.num_attention_heads, backend=backend)
+        past_k, past_v = layer_past if layer_past is not None else (None, None)
+        context, probs = ops.glm_attention(q, k, v, self.layer_id, attention_mask, output_attentions, past_k, past_v,
                                            backend=backend)
+        present = None
+        if use_cache:
+            present = (k, v) if past_k is None else (torch.cat((past_k, k), dim=0), torch.cat((past_v, v), dim=0))
         return self.dense(context), present, probs
 
 
@@ -114,7 +112,12 @@ class MLP(nn.Module):
 
 
 class GLMBlock(nn.Module):
-    """`a = LN_in(x); m = LN_post(a*alpha + attn(a)); out = m*alpha + mlp(m)`."""
+    """`a = LN_in(x); m = LN_post(a*alpha + attn(a)); out = m*alpha + mlp(m)`.
+
+    The output is returned as the pair `(m, mlp(m))` and never materialised:
+    the next block (or the final LayerNorm) joins it inside its residual
+    LayerNorm. Called with `residual=r`, the block's input is `x = hidden*alpha + r`.
+    """
 
     def __init__(self, config: ChatGLMConfig, layer_id: int):
         super().__init__()
@@ -126,14 +129,17 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, hidden_states, position_ids, attention_mask, rotary, layer_past=None, use_cache=False,
-                output_attentions=False, backend=None):
+                output_attentions=False, backend=None, residual=None):
         ln_in, ln_post = self.input_layernorm, self.post_attention_layernorm
-        a = ops.layer_norm(hidden_states, ln_in.weight, ln_in.bias, self.eps, backend=backend)
+        if residual is None:
+            a = ops.layer_norm(hidden_states, ln_in.weight, ln_in.bias, self.eps, backend=backend)
+        else:
+            a = ops.residual_layer_norm(hidden_states, residual, ALPHA, ln_in.weight, ln_in.bias, self.eps,
+                                        backend=backend)
         attn, present, probs = self.attention(a, position_ids, attention_mask, rotary, layer_past, use_cache,
                                               output_attentions, backend)
         m = ops.residual_layer_norm(a, attn, ALPHA, ln_post.weight, ln_post.bias, self.eps, backend=backend)
-        out = m * ALPHA + self.mlp(m, backend)
-        return out, present, probs
+        return m, self.mlp(m, backend), present, probs
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -268,6 +274,36 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if lo < 0 or hi >= limit:
             raise ValueError(f"position_ids holds {lo if lo < 0 else hi}, outside [0, max_sequence_length={limit})")
 
+    def _glm_mask(self, input_ids, attention_mask, from_ids, batch, seq, past_length):
+        """The mask for the attention op: a compact `GLMMask` whenever the mask is GLM's, else the bool mask.
+
+        From the ids (no mask given, no past): context = position of `<sop>`.
+        A given bool mask `[b, 1, seq, past + seq]` (True = may not attend) is
+        recognised as a `GLMMask` when it is one (the original's masks and its
+        tokenizer's left padding are); any other mask is kept as it is, with
+        the P-Tuning prefix columns prepended as visible.
+        """
+        prefix = self.pre_seq_len or 0
+        if from_ids:
+            context = glm_inputs.context_lengths(input_ids, self.config.bos_token_id)
+            return GLMMask(prefix, torch.zeros_like(context), context)
+        if attention_mask is None:
+            return None
+        key_length = past_length + seq
+        if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or \
+                attention_mask.shape[0] not in (1, batch) or tuple(attention_mask.shape[2:]) != (seq, key_length):
+            raise ValueError(
+                f"attention_mask must be a bool tensor [batch, 1, seq, past + seq] = [{batch}, 1, {seq}, "
+                f"{key_length}] (True = may not attend), got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+            )
+        compact = GLMMask.from_bool(attention_mask, prefix, batch)
+        if compact is not None:
+            return compact
+        if prefix:
+            visible = attention_mask.new_zeros(attention_mask.shape[0], 1, seq, prefix)
+            attention_mask = torch.cat((visible, attention_mask), dim=3)
+        return attention_mask
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -298,6 +334,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         batch, seq = inputs_embeds.shape[:2]
         dtype, device = inputs_embeds.dtype, inputs_embeds.device
 
+        mask_from_ids = past_key_values is None and attention_mask is None
         if past_key_values is None:
             needs_ids = attention_mask is None or position_ids is None
             if needs_ids and input_ids is None:
@@ -306,8 +343,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 past_key_values = self.get_prompt(batch, device, dtype)
             else:
                 past_key_values = (None,) * self.num_layers
-            if attention_mask is None:
-                attention_mask = self.get_masks(input_ids, device)
             if position_ids is None:
                 position_ids = self.get_position_ids(input_ids, device=device)
             past_length = 0
@@ -318,43 +353,31 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             past_length = past_key_values[0][0].shape[0] - (self.pre_seq_len or 0)
         self._check_positions(position_ids, batch, seq, past_length)
 
-        key_length = past_length + seq
-        if attention_mask is not None:
-            if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or \
-                    attention_mask.shape[1] != 1 or attention_mask.shape[0] not in (1, batch) or \
-                    tuple(attention_mask.shape[2:]) != (seq, key_length):
-                raise ValueError(
-                    f"attention_mask must be a bool tensor [batch, 1, seq, past + seq] = [{batch}, 1, {seq}, "
-                    f"{key_length}] (True = may not attend), got {attention_mask.dtype} "
-                    f"{tuple(attention_mask.shape)}"
-                )
-            if self.pre_seq_len is not None:
-                prefix = attention_mask.new_zeros(attention_mask.shape[0], 1, seq, self.pre_seq_len)
-                attention_mask = torch.cat((prefix, attention_mask), dim=3)
-
+        attention_mask = self._glm_mask(input_ids, attention_mask, mask_from_ids, batch, seq, past_length)
         rotary = ops.rotary_table(cfg.max_sequence_length, self.hidden_size_per_attention_head // 2, dtype,
                                   device)
         backend = cfg.kernel_backend
-        hidden_states = inputs_embeds.transpose(0, 1)
+        hidden_states, residual = inputs_embeds.transpose(0, 1), None
         presents = () if use_cache else None
         all_attentions = () if output_attentions else None
         all_hidden_states = () if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                all_hidden_states += (hidden_states if residual is None else hidden_states * ALPHA + residual,)
             args = (hidden_states, position_ids, attention_mask, rotary, past_key_values[i], use_cache,
-                    output_attentions, backend)
+                    output_attentions, backend, residual)
             if self.gradient_checkpointing and self.training:
-                hidden_states, present, probs = self._gradient_checkpointing_func(layer.__call__, *args)
+                hidden_states, residual, present, probs = self._gradient_checkpointing_func(layer.__call__, *args)
             else:
-                hidden_states, present, probs = layer(*args)
+                hidden_states, residual, present, probs = layer(*args)
             if use_cache:
                 presents += (present,)
             if output_attentions:
                 all_attentions += (probs.reshape(-1, *probs.shape[2:]),)
 
         ln = self.final_layernorm
-        hidden_states = ops.layer_norm(hidden_states, ln.weight, ln.bias, ln.eps, backend=backend)
+        hidden_states = ops.residual_layer_norm(hidden_states, residual, ALPHA, ln.weight, ln.bias, ln.eps,
+                                                backend=backend)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if not return_dict:

@@ -6,15 +6,18 @@ Each function here is what the model calls; the implementation behind it
 from .attention import glm_attention
 from .gelu import bias_gelu
 from .layernorm import layer_norm, residual_layer_norm
-from .rotary import apply_rotary_2d, rotary_table
+from .mask import GLMMask
+from .rotary import apply_rotary_2d, rope_qkv, rotary_table
 from .softmax import scaled_masked_softmax
 
 __all__ = [
+    "GLMMask",
     "apply_rotary_2d",
     "bias_gelu",
     "glm_attention",
     "layer_norm",
     "residual_layer_norm",
+    "rope_qkv",
     "rotary_table",
     "scaled_masked_softmax",
 ]

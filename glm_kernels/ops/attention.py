@@ -11,11 +11,16 @@ import math
 import torch
 
 from ..backend import dispatch, register
+from .mask import GLMMask
 from .softmax import scaled_masked_softmax
 
 
 @register("attention", "torch")
-def _attention_torch(q, k, v, layer_id, mask, output_attentions):
+def _attention_torch(q, k, v, layer_id, mask, output_attentions, past_k=None, past_v=None):
+    if past_k is not None:
+        k, v = torch.cat((past_k, k), dim=0), torch.cat((past_v, v), dim=0)
+    if isinstance(mask, GLMMask):
+        mask = mask.materialize(q.shape[0], k.shape[0])
     sq, b, nh, hd = q.shape
     coeff = float(layer_id + 1)
     q = q / (math.sqrt(hd) * coeff)
@@ -26,17 +31,21 @@ def _attention_torch(q, k, v, layer_id, mask, output_attentions):
     return ctx, (probs if output_attentions else None)
 
 
-def glm_attention(q, k, v, layer_id: int, mask: torch.Tensor | None, output_attentions: bool = False,
+def glm_attention(q, k, v, layer_id: int, mask, output_attentions: bool = False, past_k=None, past_v=None,
                   backend: str | None = None):
     """Attention of GLM layer `layer_id` over `[past | new]` keys.
 
     Args:
-        q: `[sq, b, nh, hd]`; k, v: `[sk, b, nh, hd]` (past keys first); any
-            strides; fp32/fp16/bf16, all the same dtype.
+        q: `[sq, b, nh, hd]`; k, v: `[sk_new, b, nh, hd]`, the new tokens' keys
+            and values; any strides; fp32/fp16/bf16, all the same dtype.
         layer_id: 0-based layer index (sets the coefficient `layer_id + 1`).
-        mask: bool `[b or 1, 1, sq, sk]`, True = may not attend; or None.
+        mask: None (every key visible); a `GLMMask` (compact, never
+            materialised by the Triton kernel); or bool
+            `[b or 1, 1, sq, past + sk_new]`, True = may not attend.
         output_attentions: also return the probabilities.
+        past_k, past_v: `[past, b, nh, hd]` keys/values before the new ones
+            (P-Tuning prefix, then cached tokens), or None.
     Returns:
-        `(context [sq, b, nh*hd], probs [b, nh, sq, sk] or None)`.
+        `(context [sq, b, nh*hd], probs [b, nh, sq, past + sk_new] or None)`.
     """
-    return dispatch("attention", q.device, backend)(q, k, v, layer_id, mask, output_attentions)
+    return dispatch("attention", q.device, backend)(q, k, v, layer_id, mask, output_attentions, past_k, past_v)

@@ -13,25 +13,28 @@ from ..backend import dispatch, register
 
 
 @register("layernorm", "torch")
-def _layernorm_torch(x, residual, alpha, weight, bias, eps):
+def _layernorm_torch(x, residual, alpha, weight, bias, eps, return_sum=False):
     if residual is not None:
         x = x * alpha + residual
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return (y, x) if return_sum else y
 
 
-def residual_layer_norm(x, residual, alpha: float, weight, bias, eps: float, backend: str | None = None):
+def residual_layer_norm(x, residual, alpha: float, weight, bias, eps: float, return_sum: bool = False,
+                        backend: str | None = None):
     """`LayerNorm(x * alpha + residual)` over the last axis.
 
     Args:
         x, residual: `[..., h]`, same shape and dtype (fp32/fp16/bf16).
         alpha: residual scale (sqrt(56) in ChatGLM-6B).
         weight, bias: `[h]`; eps: LayerNorm epsilon.
+        return_sum: also return `x * alpha + residual`.
     Returns:
-        `[..., h]` in the dtype of x.
+        `y [..., h]` in the dtype of x, or `(y, x * alpha + residual)`.
     """
-    return dispatch("layernorm", x.device, backend)(x, residual, alpha, weight, bias, eps)
+    return dispatch("layernorm", x.device, backend)(x, residual, alpha, weight, bias, eps, return_sum)
 
 
 def layer_norm(x, weight, bias, eps: float, backend: str | None = None):
     """Plain `LayerNorm(x)` over the last axis, through the same op."""
-    return dispatch("layernorm", x.device, backend)(x, None, 1.0, weight, bias, eps)
+    return dispatch("layernorm", x.device, backend)(x, None, 1.0, weight, bias, eps, False)

@@ -64,6 +64,41 @@ def _rotary_torch(q, k, cos, sin, position_ids):
     return q * c + _rotate_half_2d(q) * s, k * c + _rotate_half_2d(k) * s
 
 
+@register("rope", "torch")
+def _rope_qkv_torch(mixed, position_ids, cos, sin, num_heads, k_out, v_out):
+    s, b, _ = mixed.shape
+    q, k, v = mixed.view(s, b, num_heads, -1).split(mixed.shape[-1] // (3 * num_heads), dim=-1)
+    q, k = _rotary_torch(q, k, cos, sin, position_ids)
+    if k_out is not None:
+        k_out.copy_(k)
+        v_out.copy_(v)
+        return q, k_out, v_out
+    return q, k, v
+
+
+def rope_qkv(mixed, position_ids, cos, sin, num_heads: int, k_out=None, v_out=None, backend: str | None = None):
+    """Split the fused QKV projection, rotate q and k, and optionally write k, v into a cache.
+
+    Args:
+        mixed: `[s, b, 3*h]` output of `query_key_value`; per head the row
+            block is `[q | k | v]` (hd each), heads in order.
+        position_ids: `[b, 2, s]` int64 positions and block positions.
+        cos, sin: `[n, hd/2]` tables in the dtype of `mixed` (`rotary_table`).
+        num_heads: nh; hd = h / nh.
+        k_out, v_out: optional `[s, b, nh, hd]` views into a preallocated KV
+            buffer (e.g. `buf[offset:offset + s]`): k and v are written there
+            (inference only: no autograd through the buffer).
+    Returns:
+        `(q, k, v)`, each `[s, b, nh, hd]` in the dtype of `mixed`; k, v are
+        `k_out`, `v_out` when given.
+    """
+    if cos.dtype != mixed.dtype or sin.dtype != mixed.dtype:
+        raise TypeError(f"rotary tables are {cos.dtype}/{sin.dtype} but the QKV output is {mixed.dtype}")
+    if (k_out is None) != (v_out is None):
+        raise ValueError("pass both k_out and v_out, or neither")
+    return dispatch("rope", mixed.device, backend)(mixed, position_ids, cos, sin, num_heads, k_out, v_out)
+
+
 def apply_rotary_2d(q, k, cos, sin, position_ids, backend: str | None = None):
     """Rotate queries and keys by GLM's 2D positions.
 

@@ -1,0 +1,57 @@
+"""Shared pieces of the Triton kernels: interpreter detection, dtypes, compile specs.
+
+Every kernel module in `glm_kernels.kernels` registers its ops with
+`glm_kernels.backend.register(op, "triton")` and exposes
+`compile_specs() -> list[CompileSpec]`: one entry for every launch
+configuration its launcher can choose, for fp16 and bf16, so that
+`glm-kernels compile-report` can compile each of them ahead of time for
+sm_80 and sm_90 and check registers, spills and shared memory.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+TL_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether kernels must cast bf16 tiles to fp32 before `tl.dot`.
+
+    Only under the interpreter, where bf16 `tl.dot` returns garbage
+    (triton#11584); on a GPU the kernel feeds bf16 tiles to the tensor cores.
+    """
+    return interpreting() and dtype == torch.bfloat16
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    for t in tensors:
+        if t is not None and t.device.type != "cuda" and not interpreting():
+            raise ValueError(f"the triton backend needs CUDA tensors (got a {t.device} tensor); set "
+                             "TRITON_INTERPRET=1 to run the kernels on the CPU interpreter, or use backend 'torch'")
+
+
+@dataclass
+class CompileSpec:
+    """One launch configuration of one kernel, as `triton.compile(ASTSource(...))` takes it."""
+
+    kernel: object  # a triton.JITFunction
+    signature: dict  # argument name -> "*fp16", "i32", "fp32", "constexpr", ...
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 2
+    label: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
