@@ -26,6 +26,12 @@ def _cmd_load_memory(args) -> int:
     return load_memory_main(args)
 
 
+def _cmd_compile_report(args) -> int:
+    from .tools.compile_report import main as compile_main
+
+    return compile_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--format", choices=["bin", "safetensors"], default="bin")
     mem.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")
     mem.set_defaults(func=_cmd_load_memory)
+
+    comp = sub.add_parser("compile-report", help="compile every Triton kernel config for sm_80/sm_90, check spills")
+    comp.add_argument("--kernel", default=None, help="only this kernel module (rope, attention, ...)")
+    comp.add_argument("--markdown", default=None, help="also write the table to this file")
+    comp.set_defaults(func=_cmd_compile_report)
     return parser
 
 
