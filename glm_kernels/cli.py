@@ -32,6 +32,12 @@ def _cmd_compile_report(args) -> int:
     return compile_main(args)
 
 
+def _cmd_bytes_table(args) -> int:
+    from .tools.bytes_table import main as bytes_main
+
+    return bytes_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--kernel", default=None, help="only this kernel module (rope, attention, ...)")
     comp.add_argument("--markdown", default=None, help="also write the table to this file")
     comp.set_defaults(func=_cmd_compile_report)
+
+    table = sub.add_parser("bytes-table", help="bytes each fused kernel moves at the 6B shapes vs the unfused ops")
+    table.add_argument("--markdown", default=None, help="also write the table to this file")
+    table.set_defaults(func=_cmd_bytes_table)
     return parser
 
 

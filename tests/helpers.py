@@ -1,5 +1,4 @@
 """Tolerance rules of GLM_SPEC.md ("Tolerances for parity tests"), stated once and used beside each assertion."""
-import torch
 
 
 def max_err(a, b) -> float:

@@ -2,8 +2,6 @@
 import argparse
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,6 @@ from safetensors.torch import save_file
 
 from conftest import make_model
 from glm_kernels import ChatGLMForConditionalGeneration, ChatGLMModel
-from glm_kernels.demo import tiny_config
 
 BOS, GMASK = 994, 991
 IDS = torch.tensor([[5, 17, 42, GMASK, BOS, 8, 9]])

@@ -49,7 +49,7 @@ def left_padded_batch(rows, length):
     ids, masks, positions = [], [], []
     for row in rows:
         r = torch.tensor([row])
-        n, pad = len(row), length - len(row)
+        pad = length - len(row)
         mask = reference.get_masks(r, BOS)[0, 0]
         pos = reference.get_position_ids(r, BOS, MASK, GMASK)[0]
         ids.append(torch.cat((torch.full((pad,), PAD), r[0])))

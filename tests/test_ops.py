@@ -1,5 +1,4 @@
 """Each op (torch backend) against the reference's unfused ops, and the backend switch."""
-import math
 
 import pytest
 import torch

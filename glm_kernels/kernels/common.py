@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import triton
+import triton.language as tl
 
 TL_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -55,3 +57,26 @@ class CompileSpec:
     @property
     def name(self) -> str:
         return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
+
+# The interpreter (triton 3.9) converts fp32 to bf16 by truncating the mantissa, where a GPU rounds to
+# nearest even (cvt.rn.bf16.f32). Under the interpreter, kernels round by hand so their bf16 results are
+# what the GPU computes; compiled kernels never see the branch (the constexpr is False when compiling).
+INTERPRETER_BF16_RNE = tl.constexpr(interpreting())
+
+
+@triton.jit
+def bf16_rne(x):
+    """fp32 -> bf16 rounded to nearest even, with integer ops (finite inputs)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def downcast(x, dtype: tl.constexpr):
+    """fp32 `x` in `dtype`, rounded to nearest even as a GPU does (also under the interpreter)."""
+    if INTERPRETER_BF16_RNE and dtype == tl.bfloat16:
+        return bf16_rne(x)
+    else:
+        return x.to(dtype)

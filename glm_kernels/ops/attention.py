@@ -16,7 +16,7 @@ from .softmax import scaled_masked_softmax
 
 
 @register("attention", "torch")
-def _attention_torch(q, k, v, layer_id, mask, output_attentions, past_k=None, past_v=None):
+def _attention_torch(q, k, v, layer_id, mask, output_attentions, past_k=None, past_v=None, softmax_backend="torch"):
     if past_k is not None:
         k, v = torch.cat((past_k, k), dim=0), torch.cat((past_v, v), dim=0)
     if isinstance(mask, GLMMask):
@@ -25,7 +25,7 @@ def _attention_torch(q, k, v, layer_id, mask, output_attentions, past_k=None, pa
     coeff = float(layer_id + 1)
     q = q / (math.sqrt(hd) * coeff)
     scores = torch.matmul(q.permute(1, 2, 0, 3), k.permute(1, 2, 3, 0))
-    probs = scaled_masked_softmax(scores, mask, coeff, backend="torch")
+    probs = scaled_masked_softmax(scores, mask, coeff, backend=softmax_backend)
     ctx = torch.matmul(probs, v.permute(1, 2, 0, 3))
     ctx = ctx.permute(2, 0, 1, 3).reshape(sq, b, nh * hd)
     return ctx, (probs if output_attentions else None)

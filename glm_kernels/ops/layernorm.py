@@ -6,7 +6,6 @@ join feeds `post_attention_layernorm`: `m = LayerNorm(a * alpha + attn)`.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..backend import dispatch, register

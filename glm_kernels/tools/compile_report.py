@@ -60,25 +60,38 @@ def compile_spec(spec, cc: int) -> dict:
             "ok": res["local"] == 0 and res["stack"] == 0 and shared <= SHARED_LIMIT[cc]}
 
 
-def collect(kernel: str | None = None) -> list[dict]:
+def _compile_job(job) -> dict:
+    import importlib
+
+    module_name, index, cc = job
+    return compile_spec(importlib.import_module(module_name).compile_specs()[index], cc)
+
+
+def collect(kernel: str | None = None, workers: int | None = None) -> list[dict]:
+    """Compile every spec (of one kernel module, or all) for every target, in parallel processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
     from glm_kernels.kernels import load_all
 
-    rows = []
+    jobs = []
     for module in load_all():
         if kernel and module.__name__.rsplit(".", 1)[-1] != kernel:
             continue
-        for spec in module.compile_specs():
-            for cc in TARGETS:
-                rows.append(compile_spec(spec, cc))
-    return rows
+        jobs += [(module.__name__, i, cc) for i in range(len(module.compile_specs())) for cc in TARGETS]
+    workers = workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(_compile_job, jobs, chunksize=4), total=len(jobs), desc="compile",
+                         file=sys.stderr))
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| kernel | config | target | registers | spills (local B) | shared memory (B) | ok |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | config | target | registers | stack (B) | spills (local B) | shared memory (B) | ok |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['config']} | {r['target']} | {r['registers']} | {r['local']} | "
-                     f"{r['shared']} | {'yes' if r['ok'] else 'NO'} |")
+        lines.append(f"| {r['kernel']} | {r['config']} | {r['target']} | {r['registers']} | {r['stack']} | "
+                     f"{r['local']} | {r['shared']} | {'yes' if r['ok'] else 'NO'} |")
     return "\n".join(lines)
 
 
