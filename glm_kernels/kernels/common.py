@@ -42,6 +42,14 @@ def check_device(*tensors: torch.Tensor) -> None:
                              "TRITON_INTERPRET=1 to run the kernels on the CPU interpreter, or use backend 'torch'")
 
 
+def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`[..., n]` -> `[N, n]` with unit column stride and rows `>= n` apart (a view when possible)."""
+    t2 = t.reshape(-1, n)
+    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < n):
+        t2 = t2.contiguous()
+    return t2
+
+
 @dataclass
 class CompileSpec:
     """One launch configuration of one kernel, as `triton.compile(ASTSource(...))` takes it."""

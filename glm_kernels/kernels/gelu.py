@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ..backend import register
-from .common import TL_TYPE, CompileSpec, check_device, downcast
+from .common import TL_TYPE, CompileSpec, as_rows, check_device, downcast
 
 MAX_BLOCK_N = 1024
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -136,14 +136,6 @@ def _gelu_bwd_kernel(DY, X, BIAS, DX, DB_PART, n_rows, n_cols, stride_dy, stride
 # ---------------------------------------------------------------- host side
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """`[..., n]` -> `[N, n]` with unit column stride (a view when possible)."""
-    t2 = t.reshape(-1, n)
-    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < n):
-        t2 = t2.contiguous()
-    return t2
-
-
 def _grid(n_rows: int, n_cols: int, cfg: dict) -> tuple[int, int, int]:
     rpp = rows_per_program(n_rows)
     return rpp, triton.cdiv(n_rows, rpp), triton.cdiv(n_cols, cfg["BLOCK_N"])
@@ -154,7 +146,7 @@ class _BiasGeluFn(torch.autograd.Function):
     def forward(ctx, x, bias):
         shape, n = x.shape, x.shape[-1]
         cfg = gelu_config(n)
-        x2 = _rows(x, n)
+        x2 = as_rows(x, n)
         rows = x2.shape[0]
         y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
         if rows > 0:
@@ -173,7 +165,7 @@ class _BiasGeluFn(torch.autograd.Function):
         need_x, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and bias is not None
         rows, n = x2.shape
         cfg = gelu_config(n)
-        dy2 = _rows(dy, n)
+        dy2 = as_rows(dy, n)
         dx = torch.empty((rows, n), dtype=x2.dtype, device=x2.device) if need_x else None
         rpp, p_r, p_c = _grid(rows, n, cfg) if rows > 0 else (1, 0, 0)
         db_part = torch.empty((p_r, n), dtype=torch.float32, device=x2.device) if need_b else None

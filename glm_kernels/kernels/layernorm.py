@@ -91,7 +91,7 @@ import triton
 import triton.language as tl
 
 from ..backend import register
-from .common import TL_TYPE, CompileSpec, check_device, downcast
+from .common import TL_TYPE, CompileSpec, as_rows, check_device, downcast
 
 MAX_H = 16384             # widest supported row
 WHOLE_ROW_MAX = {"fwd": 8192, "bwd": 4096}  # widest BLOCK kept whole in registers without spilling
@@ -371,21 +371,13 @@ def _ln_bwd_dwdb_kernel(DY, X, R, MEAN, RSTD, DW_PART, DB_PART,
 # ---------------------------------------------------------------- host side
 
 
-def _rows(t: torch.Tensor, h: int) -> torch.Tensor:
-    """`[..., h]` -> `[N, h]` with unit column stride (a view when possible)."""
-    t2 = t.reshape(-1, h)
-    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < h):
-        t2 = t2.contiguous()
-    return t2
-
-
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, alpha, weight, bias, eps, return_sum, needs_stats):
         shape, h = x.shape, x.shape[-1]
         cfg = ln_config(h, "fwd")
-        x2 = _rows(x, h)
-        r2 = _rows(residual, h) if residual is not None else None
+        x2 = as_rows(x, h)
+        r2 = as_rows(residual, h) if residual is not None else None
         n = x2.shape[0]
         y = torch.empty((n, h), dtype=x.dtype, device=x.device)
         s = torch.empty((n, h), dtype=x.dtype, device=x.device) if return_sum else None
@@ -423,8 +415,8 @@ class _LayerNormFn(torch.autograd.Function):
             dx = (ds.float() * alpha).to(x2.dtype) if need_x else None
             dr = ds.clone() if need_r else None
             return dx, dr, None, None, None, None, None, None
-        dy2 = _rows(dy, h)
-        ds2 = _rows(ds, h) if ds is not None else None
+        dy2 = as_rows(dy, h)
+        ds2 = as_rows(ds, h) if ds is not None else None
         dx = torch.empty((n, h), dtype=x2.dtype, device=x2.device) if need_x else None
         dr = torch.empty((n, h), dtype=x2.dtype, device=x2.device) if need_r and r2 is not None else None
         cfg = ln_config(h, "bwd")
