@@ -55,10 +55,12 @@ def get_masks(input_ids: torch.Tensor, bos_token_id: int) -> torch.Tensor:
 
 
 def get_position_ids(input_ids: torch.Tensor, bos_token_id: int, mask_token_id: int,
-                     gmask_token_id: int, mask_position=None) -> torch.Tensor:
+                     gmask_token_id: int, mask_position=None, pad=None) -> torch.Tensor:
     """int64 `[b, 2, s]`: positions and block positions.
 
     `mask_position` (one index per row) replaces the [gMASK]/[MASK] lookup.
+    `pad` (`[b]`, left-padding lengths) makes positions count from each row's
+    first token, with 0 on the padding, as the original tokenizer pads them.
     """
     s = input_ids.shape[1]
     c = context_lengths(input_ids, bos_token_id)[:, None]
@@ -66,7 +68,31 @@ def get_position_ids(input_ids: torch.Tensor, bos_token_id: int, mask_token_id: 
         mask_position = mask_positions(input_ids, mask_token_id, gmask_token_id)
     mpos = torch.as_tensor(mask_position, device=input_ids.device).reshape(-1, 1)
     pos = torch.arange(s, device=input_ids.device)[None, :]
+    if pad is not None:
+        pad = pad.to(input_ids.device).reshape(-1, 1)
+        pos, c, mpos = pos - pad, c - pad, mpos - pad
     after = pos >= c
     position = torch.where(after, mpos, pos)
     block = torch.where(after, pos - c + 1, torch.zeros_like(pos))
+    if pad is not None:
+        position, block = position.clamp(min=0), torch.where(pos >= 0, block, torch.zeros_like(block))
     return torch.stack((position, block), dim=1)
+
+
+def left_padding(attention_mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """`[b]` int64 left-padding lengths of a padding mask `[b, length]` (1 = token, 0 = padding).
+
+    Raises `ValueError` when the mask has another shape or holds zeros after a
+    row's first token (ChatGLM pads on the left only).
+    """
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"a padding attention_mask must be [batch, past + seq] = [{batch}, {length}], "
+                         f"got {tuple(attention_mask.shape)}")
+    real = attention_mask != 0
+    pad = (~real).int().cumprod(dim=1).sum(dim=1)
+    expected = torch.arange(length, device=real.device)[None, :] >= pad[:, None]
+    if not torch.equal(real, expected):
+        row = int((real != expected).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"attention_mask row {row} is not left padding (a 0 after the first 1): ChatGLM pads "
+                         "on the left")
+    return pad.long()

@@ -8,17 +8,19 @@ batch-first `[b, s, vocab]`.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import inputs as glm_inputs
 from . import ops
+from .cache import GLMKVCache
 from .configuration import ChatGLMConfig
+from .generation import ChatGLMGenerationMixin
 from .ops.mask import GLMMask
 from .ops.rotary import inv_freq
 
@@ -74,6 +76,13 @@ class RotaryEmbedding(nn.Module):
         pass
 
 
+class CacheSlot(NamedTuple):
+    """Layer `layer_idx` of a `GLMKVCache`, handed to the attention in place of a `(key, value)` past."""
+
+    cache: GLMKVCache
+    layer_idx: int
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ChatGLMConfig, layer_id: int):
         super().__init__()
@@ -88,6 +97,14 @@ class SelfAttention(nn.Module):
     def forward(self, hidden_states, position_ids, attention_mask, rotary, layer_past=None, use_cache=False,
                 output_attentions=False, backend=None):
         mixed = self.query_key_value(hidden_states)
+        if isinstance(layer_past, CacheSlot):
+            # New keys and values go straight into the preallocated cache; attention reads it as a view.
+            k_out, v_out, k_all, v_all = layer_past.cache.slots(layer_past.layer_idx, hidden_states.shape[0])
+            q, _, _ = ops.rope_qkv(mixed, position_ids, rotary[0], rotary[1], self.num_attention_heads, k_out, v_out,
+                                   backend=backend)
+            context, probs = ops.glm_attention(q, k_all, v_all, self.layer_id, attention_mask, output_attentions,
+                                               backend=backend)
+            return self.dense(context), None, probs
         q, k, v = ops.rope_qkv(mixed, position_ids, rotary[0], rotary[1], self.num_attention_heads, backend=backend)
         past_k, past_v = layer_past if layer_past is not None else (None, None)
         context, probs = ops.glm_attention(q, k, v, self.layer_id, attention_mask, output_attentions, past_k, past_v,
@@ -254,10 +271,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
-        if past_key_values is not None:
+        if past_key_values is not None and not isinstance(past_key_values, GLMKVCache):
             if not isinstance(past_key_values, (tuple, list)) or len(past_key_values) != self.num_layers:
                 raise TypeError(
-                    f"past_key_values must be a tuple of {self.num_layers} (key, value) pairs "
+                    f"past_key_values must be a GLMKVCache or a tuple of {self.num_layers} (key, value) pairs "
                     f"[seq, batch, heads, head_dim], got {type(past_key_values).__name__}"
                     + (f" of length {len(past_key_values)}" if isinstance(past_key_values, (tuple, list)) else "")
                 )
@@ -274,27 +291,31 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if lo < 0 or hi >= limit:
             raise ValueError(f"position_ids holds {lo if lo < 0 else hi}, outside [0, max_sequence_length={limit})")
 
-    def _glm_mask(self, input_ids, attention_mask, from_ids, batch, seq, past_length):
+    def _glm_mask(self, attention_mask, pad, context, batch, seq, past_length):
         """The mask for the attention op: a compact `GLMMask` whenever the mask is GLM's, else the bool mask.
 
-        From the ids (no mask given, no past): context = position of `<sop>`.
-        A given bool mask `[b, 1, seq, past + seq]` (True = may not attend) is
-        recognised as a `GLMMask` when it is one (the original's masks and its
-        tokenizer's left padding are); any other mask is kept as it is, with
-        the P-Tuning prefix columns prepended as visible.
+        - No mask: the GLM mask of the rows' context lengths (the position of
+          `<sop>`), or no mask at all when the context is unknown (a step after
+          a tuple past, as the original).
+        - A 2D padding mask `[b, past + seq]` (1 = token, 0 = left padding):
+          the GLM mask with that padding.
+        - A bool mask `[b, 1, seq, past + seq]` (True = may not attend, the
+          original's): recognised as a `GLMMask` when it is one; any other mask
+          is kept as it is, with the P-Tuning prefix columns prepended as visible.
         """
         prefix = self.pre_seq_len or 0
-        if from_ids:
-            context = glm_inputs.context_lengths(input_ids, self.config.bos_token_id)
-            return GLMMask(prefix, torch.zeros_like(context), context)
-        if attention_mask is None:
-            return None
+        if attention_mask is None or attention_mask.dim() == 2:
+            if pad is None and context is None:
+                return None
+            pad = torch.zeros(batch, dtype=torch.long, device=self.device) if pad is None else pad
+            return GLMMask(prefix, pad, pad if context is None else context)
         key_length = past_length + seq
         if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or \
                 attention_mask.shape[0] not in (1, batch) or tuple(attention_mask.shape[2:]) != (seq, key_length):
             raise ValueError(
                 f"attention_mask must be a bool tensor [batch, 1, seq, past + seq] = [{batch}, 1, {seq}, "
-                f"{key_length}] (True = may not attend), got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+                f"{key_length}] (True = may not attend), or a padding mask [batch, past + seq] = [{batch}, "
+                f"{key_length}]; got {attention_mask.dtype} {tuple(attention_mask.shape)}"
             )
         compact = GLMMask.from_bool(attention_mask, prefix, batch)
         if compact is not None:
@@ -316,9 +337,16 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
     ):
-        """Args as the original: `input_ids [b, s]`, `position_ids [b, 2, s]`, `attention_mask`
-        bool `[b, 1, s, past + s]` (True = may not attend; prefix columns are added here),
-        `past_key_values` a tuple of per-layer `(key, value)` `[past, b, nh, hd]`.
+        """Args as the original, plus a preallocated cache and padding masks.
+
+        - `input_ids [b, s]`, `position_ids [b, 2, s]` (computed from the ids
+          when omitted on the first step; required after a past).
+        - `attention_mask`: the original's bool `[b, 1, s, past + s]` (True = may
+          not attend; P-Tuning prefix columns are added here), or a padding
+          mask `[b, past + s]` (1 = token, 0 = left padding), or None.
+        - `past_key_values`: a `GLMKVCache` (filled in place, returned as the
+          new past), or the original's tuple of per-layer `(key, value)`
+          `[past, b, nh, hd]` (a new tuple is returned).
         """
         cfg = self.config
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
@@ -334,26 +362,47 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         batch, seq = inputs_embeds.shape[:2]
         dtype, device = inputs_embeds.dtype, inputs_embeds.device
 
-        mask_from_ids = past_key_values is None and attention_mask is None
-        if past_key_values is None:
-            needs_ids = attention_mask is None or position_ids is None
-            if needs_ids and input_ids is None:
-                raise ValueError("with inputs_embeds and no input_ids, pass attention_mask and position_ids")
-            if self.pre_seq_len is not None:
-                past_key_values = self.get_prompt(batch, device, dtype)
-            else:
-                past_key_values = (None,) * self.num_layers
-            if position_ids is None:
-                position_ids = self.get_position_ids(input_ids, device=device)
-            past_length = 0
+        cache = past_key_values if isinstance(past_key_values, GLMKVCache) else None
+        if cache is not None:
+            cache.check_compatible(batch, dtype, device)
+            cache.check_capacity(seq)
+            past_length = cache.get_seq_length()
         else:
-            if position_ids is None:
+            past_length = 0 if past_key_values is None else past_key_values[0][0].shape[0] - (self.pre_seq_len or 0)
+        first = past_length == 0
+        if first and input_ids is None and (attention_mask is None or attention_mask.dim() == 2 or
+                                            position_ids is None):
+            raise ValueError("with inputs_embeds and no input_ids, pass a bool attention_mask and position_ids")
+        pad = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            pad = glm_inputs.left_padding(attention_mask, batch, past_length + seq)
+        context = None
+        if first and input_ids is not None and (attention_mask is None or attention_mask.dim() == 2):
+            context = glm_inputs.context_lengths(input_ids, cfg.bos_token_id)
+        elif cache is not None:
+            context = cache.context
+        if position_ids is None:
+            if not first:
                 raise ValueError("position_ids are required with past_key_values (e.g. [[mask_position], "
                                  "[block_position]] per row for the next token)")
-            past_length = past_key_values[0][0].shape[0] - (self.pre_seq_len or 0)
+            position_ids = glm_inputs.get_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
+                                                       cfg.gmask_token_id, pad=pad)
         self._check_positions(position_ids, batch, seq, past_length)
+        attention_mask = self._glm_mask(attention_mask, pad, context, batch, seq, past_length)
 
-        attention_mask = self._glm_mask(input_ids, attention_mask, mask_from_ids, batch, seq, past_length)
+        if cache is not None:
+            if first:
+                cache.context = context
+                if not cache.prefix_written:
+                    cache.write_prefix(self.get_prompt(batch, device, dtype))
+            layer_pasts = [CacheSlot(cache, i) for i in range(self.num_layers)]
+        elif past_key_values is not None:
+            layer_pasts = past_key_values
+        elif self.pre_seq_len is not None:
+            layer_pasts = self.get_prompt(batch, device, dtype)
+        else:
+            layer_pasts = (None,) * self.num_layers
+
         rotary = ops.rotary_table(cfg.max_sequence_length, self.hidden_size_per_attention_head // 2, dtype,
                                   device)
         backend = cfg.kernel_backend
@@ -364,17 +413,20 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden_states += (hidden_states if residual is None else hidden_states * ALPHA + residual,)
-            args = (hidden_states, position_ids, attention_mask, rotary, past_key_values[i], use_cache,
+            args = (hidden_states, position_ids, attention_mask, rotary, layer_pasts[i], use_cache,
                     output_attentions, backend, residual)
             if self.gradient_checkpointing and self.training:
                 hidden_states, residual, present, probs = self._gradient_checkpointing_func(layer.__call__, *args)
             else:
                 hidden_states, residual, present, probs = layer(*args)
-            if use_cache:
+            if use_cache and cache is None:
                 presents += (present,)
             if output_attentions:
                 all_attentions += (probs.reshape(-1, *probs.shape[2:]),)
 
+        if cache is not None:
+            cache.advance(seq)
+            presents = cache if use_cache else None
         ln = self.final_layernorm
         hidden_states = ops.residual_layer_norm(hidden_states, residual, ALPHA, ln.weight, ln.bias, ln.eps,
                                                 backend=backend)
@@ -386,8 +438,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                                        hidden_states=all_hidden_states, attentions=all_attentions)
 
 
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
-    """ChatGLM-6B language model: `ChatGLMModel` + `lm_head` (no bias), tied to the embeddings by default."""
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationMixin):
+    """ChatGLM-6B language model: `ChatGLMModel` + `lm_head` (no bias), tied to the embeddings by default.
+
+    Generation: `generate()` (transformers'), `chat()`, `stream_chat()`, `stream_generate()`; see
+    `glm_kernels.generation`.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
 
@@ -420,12 +476,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        logits_to_keep=0,
         **kwargs,
     ):
         """As `ChatGLMModel.forward`, plus `labels [b, s]` (-100 = ignored) for the shifted LM loss.
 
         Returns logits `[b, s, vocab]`; with labels, the loss of fp32 logits
-        (returned in the model dtype, as the original does).
+        (returned in the model dtype, as the original does). `logits_to_keep`:
+        0 for every position, n > 0 for the last n (generation needs only the
+        last one), or a 1D tensor of positions.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None:
@@ -438,7 +497,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(hidden_states).permute(1, 0, 2).contiguous()
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("labels need the logits of every position: logits_to_keep must be 0")
+        if isinstance(logits_to_keep, int):
+            kept = hidden_states[-logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            kept = hidden_states[logits_to_keep.to(hidden_states.device)]
+        logits = self.lm_head(kept).permute(1, 0, 2).contiguous()
         loss = None
         if labels is not None:
             shift_logits = logits.float()[:, :-1, :]

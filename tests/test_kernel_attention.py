@@ -155,8 +155,8 @@ def test_rejects_bad_shapes():
         ops.glm_attention(q[..., :48], k[..., :48], v[..., :48], 0, None, backend="triton")
     with pytest.raises(ValueError, match="past_k must be"):
         ops.glm_attention(q, k, v, 0, mask, past_k=pk[:, :, :1], past_v=pv, backend="triton")
-    with pytest.raises(ValueError, match="prefix_len=2 exceeds the 0 past keys"):
-        ops.glm_attention(q, k, v, 0, mask, backend="triton")
+    with pytest.raises(ValueError, match="prefix_len=2 exceeds the 1 keys"):
+        ops.glm_attention(q, k[:1], v[:1], 0, mask, backend="triton")
 
 
 def test_compile_specs_cover_every_launch_config():

@@ -176,7 +176,11 @@ def test_input_errors():
     with pytest.raises(ValueError, match="id 5000, outside the vocabulary"):
         model(torch.tensor([[5000, GMASK, BOS]]))
     with pytest.raises(ValueError, match=r"attention_mask must be a bool tensor \[batch, 1, seq, past \+ seq\]"):
-        model(prompt(5), attention_mask=torch.ones(1, 3))
+        model(prompt(5), attention_mask=torch.ones(1, 1, 3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"a padding attention_mask must be \[batch, past \+ seq\] = \[1, 3\]"):
+        model(prompt(5), attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="attention_mask row 0 is not left padding"):
+        model(prompt(5), attention_mask=torch.tensor([[1, 0, 1]]))
     with pytest.raises(ValueError, match="position_ids must be"):
         model(prompt(5), position_ids=torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="position_ids holds 256, outside"):
@@ -184,7 +188,7 @@ def test_input_errors():
     out = model(prompt(5), use_cache=True)
     with pytest.raises(ValueError, match="position_ids are required with past_key_values"):
         model(torch.tensor([[7]]), past_key_values=out.past_key_values)
-    with pytest.raises(TypeError, match="past_key_values must be a tuple of 2"):
+    with pytest.raises(TypeError, match="past_key_values must be a GLMKVCache or a tuple of 2"):
         model(torch.tensor([[7]]), past_key_values=out.past_key_values[:1], position_ids=torch.zeros(1, 2, 1,
                                                                                                    dtype=torch.long))
     with pytest.raises(ValueError, match=r"labels must be \[batch, seq\] = \[1, 3\]"):

@@ -460,8 +460,8 @@ def _prepare_mask(mask, b, sq, La, L, device):
     if mask is None:
         return MASK_NONE, dummy, dummy, 0, 1, dummy, 0, 0, 0
     if isinstance(mask, GLMMask):
-        if mask.prefix_len > La:
-            raise ValueError(f"GLMMask.prefix_len={mask.prefix_len} exceeds the {La} past keys")
+        if mask.prefix_len > L:
+            raise ValueError(f"GLMMask.prefix_len={mask.prefix_len} exceeds the {L} keys")
         if mask.batch != b:
             raise ValueError(f"GLMMask is for batch {mask.batch}, the attention has batch {b}")
         pad = mask.pad.to(device=device, dtype=torch.int32).contiguous()

@@ -1,0 +1,178 @@
+"""`GLMKVCache`: a preallocated, prefix-aware KV cache for ChatGLM generation (a transformers `Cache`).
+
+Per layer one key and one value buffer of shape `[batch, heads, prefix + max_length, head_dim]`
+(transformers' layout), allocated once. The P-Tuning v2 prefix is written into positions `[0, P)`
+at the first forward; every step the fused `rope_qkv` op writes the new keys and values straight
+into the next positions (no `torch.cat`, no copy of the past), and attention reads the filled part
+as a view. Beam search reorders the filled part in place; the buffers never move.
+
+    cache = GLMKVCache(model.config, batch_size=2, max_length=512, dtype=torch.float16, device="cuda")
+    out = model(input_ids, past_key_values=cache)        # fills the prefix and the prompt
+    out = model(next_ids, position_ids=..., past_key_values=cache)
+
+`generate()` creates one for you, sized for `max_length`.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class GLMCacheLayer(CacheLayerMixin):
+    """One layer's preallocated key and value buffers `[b, nh, capacity, hd]`."""
+
+    is_sliding = False
+    is_compileable = False
+    supports_early_init = False
+    is_croppable = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cache: GLMKVCache):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+        self._cache = cache
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        return
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """transformers' interface: append `[b, nh, s, hd]` states, return all `[b, nh, filled, hd]`."""
+        start = self._cache.filled
+        end = start + key_states.shape[2]
+        self._cache.check_capacity(key_states.shape[2])
+        self.keys[:, :, start:end].copy_(key_states)
+        self.values[:, :, start:end].copy_(value_states)
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self._cache.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2] - self._cache.prefix_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache.filled + query_length, 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        n = self._cache.filled
+        idx = beam_idx.to(self.keys.device)
+        for buf in (self.keys, self.values):
+            buf[:, :, :n].copy_(buf[:, :, :n].index_select(0, idx))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        return  # the cache-wide length is cropped once in GLMKVCache.crop
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.keys = self.keys.repeat_interleave(repeats, dim=0)
+        self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keys = self.keys[indices]
+        self.values = self.values[indices]
+
+
+class GLMKVCache(Cache):
+    """Preallocated KV cache of every layer, with the P-Tuning prefix in front.
+
+    Args:
+        config: the model's `ChatGLMConfig` (layers, heads, head dim, `pre_seq_len`).
+        batch_size: rows (beams included).
+        max_length: tokens the cache holds (prompt + generated), prefix not counted;
+            at most `config.max_sequence_length`.
+        dtype, device: those of the model.
+    """
+
+    def __init__(self, config, batch_size: int, max_length: int, dtype=torch.float32, device="cpu"):
+        if max_length > config.max_sequence_length:
+            raise ValueError(f"max_length={max_length} exceeds the model's max_sequence_length="
+                             f"{config.max_sequence_length}")
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"GLMKVCache needs batch_size >= 1 and max_length >= 1, got {batch_size}, {max_length}")
+        self.prefix_len = config.pre_seq_len or 0
+        self.filled = 0  # positions written, prefix included
+        self.prefix_written = self.prefix_len == 0
+        self.context = None  # per-row context length (index of <sop>), set by the first forward
+        nh = config.num_attention_heads
+        hd = config.hidden_size // nh
+        shape = (batch_size, nh, self.prefix_len + max_length, hd)
+        layers = [GLMCacheLayer(torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device), self)
+                  for _ in range(config.num_layers)]
+        super().__init__(layers=layers)
+
+    # ------------------------------------------------------------------ transformers' Cache interface
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens in the cache (prefix not counted), as `input_ids` columns already processed."""
+        return max(0, self.filled - self.prefix_len) if self.prefix_written else 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.layers[0].get_max_length()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0:
+            tokens_to_remove = self.get_seq_length() + tokens_to_remove  # crop(-n): keep n tokens
+        self.filled = max(self.prefix_len, self.filled - tokens_to_remove) if self.prefix_written else 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.context is not None:
+            self.context = self.context.index_select(0, beam_idx.to(self.context.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.context is not None:
+            self.context = self.context.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.context is not None:
+            self.context = self.context[indices]
+
+    # ------------------------------------------------------------------ what the model uses
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].keys.shape[2]
+
+    def check_capacity(self, new_tokens: int) -> None:
+        if self.filled + new_tokens > self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity - self.prefix_len} tokens; "
+                             f"{self.get_seq_length()} are cached and {new_tokens} more were given")
+
+    def check_compatible(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+        keys = self.layers[0].keys
+        if keys.shape[0] != batch or keys.dtype != dtype or keys.device != device:
+            raise ValueError(f"the KV cache was built for batch {keys.shape[0]}, {keys.dtype} on {keys.device}; "
+                             f"the input is batch {batch}, {dtype} on {device}")
+
+    def seq_view(self, layer_idx: int):
+        """Key and value buffers of a layer as `[capacity, b, nh, hd]` views (the ops' layout)."""
+        layer = self.layers[layer_idx]
+        return layer.keys.permute(2, 0, 1, 3), layer.values.permute(2, 0, 1, 3)
+
+    def write_prefix(self, prompt) -> None:
+        """Write the P-Tuning prefix (per layer a `[2, P, b, nh, hd]` tensor from `get_prompt`) once."""
+        for i, kv in enumerate(prompt):
+            k, v = self.seq_view(i)
+            k[: self.prefix_len].copy_(kv[0])
+            v[: self.prefix_len].copy_(kv[1])
+        self.filled = self.prefix_len
+        self.prefix_written = True
+
+    def slots(self, layer_idx: int, new_tokens: int):
+        """`(k_out, v_out, k_all, v_all)`: views for the next `new_tokens` positions and for everything up to them."""
+        k, v = self.seq_view(layer_idx)
+        start, end = self.filled, self.filled + new_tokens
+        return k[start:end], v[start:end], k[:end], v[:end]
+
+    def advance(self, new_tokens: int) -> None:
+        self.filled += new_tokens
+
+    def to_legacy(self):
+        """The original's `past_key_values`: per layer `(key, value)` `[prefix + tokens, b, nh, hd]` (views)."""
+        return tuple(tuple(t[: self.filled] for t in self.seq_view(i)) for i in range(len(self.layers)))
