@@ -28,3 +28,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         ratio = f"{ref / ours:.2f}x" if ours and ref else "-"
         fmt = lambda t: f"{t * 1e3:.3f}" if t else "-"  # noqa: E731
         tr.write_line(f"{group:<48} {fmt(ours):>15} {fmt(ref):>13} {ratio:>8}")
+    floors = {}
+    for bench in session.benchmarks:
+        if "floor_ms" in bench.extra_info:
+            floors[bench.group.rsplit(" ", 1)[-1]] = (bench.extra_info["floor_ms"], bench.extra_info["bandwidth_gbs"])
+    for dtype, (floor, bandwidth) in sorted(floors.items()):
+        tr.write_line(f"decode weight-bandwidth floor {dtype}: {floor:.1f} ms/token "
+                      f"(weights read per token / measured read bandwidth {bandwidth:.1f} GB/s)")

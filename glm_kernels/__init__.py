@@ -11,6 +11,9 @@ from .modeling import (
     GLMBlock,
     PrefixEncoder,
 )
+from .tokenization import ChatGLMTokenizer, check_tokenizer_matches, register_auto_classes
+
+register_auto_classes()
 
 __version__ = "0.1.0"
 
@@ -19,6 +22,8 @@ __all__ = [
     "ChatGLMForConditionalGeneration",
     "ChatGLMModel",
     "ChatGLMPreTrainedModel",
+    "ChatGLMTokenizer",
     "GLMBlock",
     "PrefixEncoder",
+    "check_tokenizer_matches",
 ]
