@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser("bytes-table", help="bytes each fused kernel moves at the 6B shapes vs the unfused ops")
     table.add_argument("--markdown", default=None, help="also write the table to this file")
     table.set_defaults(func=_cmd_bytes_table)
+
+    from .tools.chat import add_parser as add_chat_parser
+
+    add_chat_parser(sub)
     return parser
 
 

@@ -49,6 +49,11 @@ def process_response(response: str) -> str:
     return response
 
 
+def _sampling(do_sample, top_p, temperature) -> dict:
+    """Sampling arguments; greedy decoding takes none (transformers warns about unused ones)."""
+    return dict(do_sample=True, top_p=top_p, temperature=temperature) if do_sample else dict(do_sample=False)
+
+
 class ChatGLMGenerationMixin(GenerationMixin):
     """What `ChatGLMForConditionalGeneration` adds to transformers' `GenerationMixin`."""
 
@@ -175,8 +180,8 @@ class ChatGLMGenerationMixin(GenerationMixin):
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(InvalidScoreLogitsProcessor())
         inputs = self._chat_inputs(tokenizer, query, history)
-        outputs = self.generate(**inputs, max_length=max_length, num_beams=num_beams, do_sample=do_sample,
-                                top_p=top_p, temperature=temperature, logits_processor=processors, **kwargs)
+        outputs = self.generate(**inputs, max_length=max_length, num_beams=num_beams, logits_processor=processors,
+                                **_sampling(do_sample, top_p, temperature), **kwargs)
         response = process_response(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1]:].tolist()))
         return response, history + [(query, response)]
 
@@ -189,8 +194,8 @@ class ChatGLMGenerationMixin(GenerationMixin):
         processors.append(InvalidScoreLogitsProcessor())
         inputs = self._chat_inputs(tokenizer, query, history)
         start = inputs["input_ids"].shape[1]
-        for ids in self.stream_generate(**inputs, max_length=max_length, do_sample=do_sample, top_p=top_p,
-                                        temperature=temperature, logits_processor=processors, **kwargs):
+        for ids in self.stream_generate(**inputs, max_length=max_length, logits_processor=processors,
+                                        **_sampling(do_sample, top_p, temperature), **kwargs):
             response = process_response(tokenizer.decode(ids[0, start:].tolist()))
             yield response, history + [(query, response)]
 
