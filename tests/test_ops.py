@@ -136,3 +136,25 @@ def test_explicit_backend_is_strict():
     with pytest.raises(ValueError, match="op '_probe_op' has no triton implementation"):
         backend.dispatch("_probe_op", "cpu", "triton")
     assert backend.dispatch("_probe_op", "cuda")() == "torch impl"  # by-device choice falls back in order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + LOWP)
+def test_attention_inference_path_matches_reference(dtype):
+    # no gradient, no probabilities, no fully masked row: the torch backend's fused inference path
+    from glm_kernels.ops.mask import GLMMask
+
+    q, k, v = torch.randn(3, 6, 2, 4, 64).unbind(0)
+    pk, pv = torch.randn(2, 5, 2, 4, 64).unbind(0)
+    mask = GLMMask(3, torch.tensor([0, 1]), torch.tensor([2, 4]))
+    dense = mask.materialize(6, 11)
+    with torch.no_grad():
+        out, probs = ops.glm_attention(q.to(dtype), k.to(dtype), v.to(dtype), 4, mask, past_k=pk.to(dtype),
+                                       past_v=pv.to(dtype), backend="torch")
+        ref32, _ = reference.attention_core(q, torch.cat((pk, k)), torch.cat((pv, v)), dense, 4)
+        reflow, _ = reference.attention_core(q.to(dtype), torch.cat((pk, k)).to(dtype), torch.cat((pv, v)).to(dtype),
+                                             dense, 4)
+    assert probs is None and out.dtype == dtype
+    if dtype == torch.float32:
+        assert_fp32_close(out, ref32, 1e-4, "inference attention fp32")  # attention rule
+    else:
+        assert_lowp_close(out, reflow, ref32, f"inference attention {dtype}")

@@ -3,16 +3,35 @@
 For layer `i` the original computes, in the model dtype,
 `q / (sqrt(hd) * (i + 1)) @ k^T`, fills masked scores with -10000, takes the
 softmax of `scores.float() * (i + 1)` in fp32, casts back and multiplies by v.
+The torch implementation does exactly that when gradients or probabilities
+are needed; for inference it calls PyTorch's fused attention (flash attention
+on the CPU: no `[sq, sk]` scores, strided cache views read in place).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..backend import dispatch, register
 from .mask import GLMMask
 from .softmax import scaled_masked_softmax
+
+
+def _fused_inference(q, k, v, mask):
+    """Inference without the probabilities: PyTorch's fused attention, when no row is fully masked.
+
+    Equal to the original's arithmetic up to rounding (scores in fp32 instead of
+    the model dtype): masked keys get zero weight either way. A fully masked row
+    (the original gives it a uniform distribution) takes the exact path instead.
+    """
+    if mask is not None and bool(mask.all(dim=-1).any()):
+        return None
+    ctx = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                                         attn_mask=None if mask is None else ~mask)
+    sq, b, nh, hd = q.shape
+    return ctx.permute(2, 0, 1, 3).reshape(sq, b, nh * hd)
 
 
 @register("attention", "torch")
@@ -21,6 +40,11 @@ def _attention_torch(q, k, v, layer_id, mask, output_attentions, past_k=None, pa
         k, v = torch.cat((past_k, k), dim=0), torch.cat((past_v, v), dim=0)
     if isinstance(mask, GLMMask):
         mask = mask.materialize(q.shape[0], k.shape[0])
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not output_attentions and not grads:
+        ctx = _fused_inference(q, k, v, mask)
+        if ctx is not None:
+            return ctx, None
     sq, b, nh, hd = q.shape
     coeff = float(layer_id + 1)
     q = q / (math.sqrt(hd) * coeff)
