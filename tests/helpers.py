@@ -1,4 +1,6 @@
-"""Tolerance rules of GLM_SPEC.md ("Tolerances for parity tests"), stated once and used beside each assertion."""
+"""Tolerance rules of GLM_SPEC.md ("Tolerances for parity tests"), stated once and used beside each assertion;
+and the original's greedy loop on a tuple cache, used by several tests."""
+import torch
 
 
 def max_err(a, b) -> float:
@@ -21,3 +23,22 @@ def assert_lowp_close(out, ref_lowp, ref32, what=""):
     ref_err = max_err(ref_lowp, ref32)
     bound = 2 * ref_err + 1e-3 * scale_of(ref32)
     assert err <= bound, f"{what}: error {err:.3e} > 2 * reference error {ref_err:.3e} + 1e-3 * scale"
+
+
+@torch.no_grad()
+def greedy_generate(model, input_ids, max_new_tokens):
+    """Greedy decoding with the original's tuple cache, feeding positions as its generation does."""
+    cfg = model.config
+    out = model(input_ids, use_cache=True)
+    tokens = input_ids
+    context = int((input_ids[0] == cfg.bos_token_id).nonzero()[0, 0])
+    gmask = (input_ids[0] == cfg.gmask_token_id).nonzero()
+    mask_position = int(gmask[0, 0]) if len(gmask) else int((input_ids[0] == cfg.mask_token_id).nonzero()[0, 0])
+    for _ in range(max_new_tokens):
+        next_token = out.logits[:, -1, :].float().argmax(-1, keepdim=True)
+        tokens = torch.cat((tokens, next_token), dim=1)
+        if tokens.shape[1] - input_ids.shape[1] == max_new_tokens:
+            break
+        position_ids = torch.tensor([[[mask_position], [tokens.shape[1] - context]]] * tokens.shape[0])
+        out = model(next_token, position_ids=position_ids, past_key_values=out.past_key_values, use_cache=True)
+    return tokens

@@ -4,8 +4,7 @@ import torch
 
 from conftest import make_model
 from glm_kernels import reference
-from glm_kernels.demo import greedy_generate
-from helpers import assert_fp32_close, assert_lowp_close
+from helpers import assert_fp32_close, assert_lowp_close, greedy_generate
 
 BOS, MASK, GMASK, PAD = 994, 990, 991, 3
 

@@ -4,9 +4,8 @@ import torch
 
 from conftest import make_model
 from glm_kernels import reference
-from glm_kernels.demo import greedy_generate
 from glm_kernels.tools.traffic import count_traffic
-from helpers import assert_fp32_close, assert_lowp_close
+from helpers import assert_fp32_close, assert_lowp_close, greedy_generate
 from test_model import left_padded_batch
 
 BOS, GMASK = 994, 991
