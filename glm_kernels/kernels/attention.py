@@ -77,6 +77,30 @@ def _visible(rows, cols, t_q, P, pad, ctx, causal, MB, stride_mq, stride_mk, row
 
 
 @triton.jit
+def _row_limits(PAD, CTX, b, pid_m, sq, L, P, causal, BLOCK_M: tl.constexpr, MASK_MODE: tl.constexpr,
+                KEEP_UNIFORM: tl.constexpr):
+    """(pad, context, hi) of a query tile: its row's GLM mask and the key columns it needs, `[0, hi)`.
+
+    With a causal GLM mask, keys past the last one any row of the tile can see
+    are skipped. KEEP_UNIFORM (the forward): not when the tile holds padding
+    rows without a prefix, which attend uniformly to every key.
+    """
+    pad = 0
+    ctx = 0
+    hi = L
+    if MASK_MODE == 1:
+        pad = tl.load(PAD + b)
+        ctx = tl.load(CTX + b)
+        T = L - P
+        last_tq = T - sq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, sq) - 1
+        skip = causal != 0
+        if KEEP_UNIFORM:
+            skip = skip & ((P != 0) | (T - sq + pid_m * BLOCK_M >= pad))
+        hi = tl.where(skip, tl.minimum(L, P + tl.maximum(last_tq + 1, ctx)), L)
+    return pad, ctx, hi
+
+
+@triton.jit
 def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -152,17 +176,7 @@ def _attn_fwd(Q, KA, VA, KB, VB, O, LSE, PAD, CTX, MB,
     q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qs + d[None, :], mask=row_ok[:, None], other=0.0)
     T = L - P
     t_q = T - sq + rows
-    pad = 0
-    ctx = 0
-    hi = L
-    if MASK_MODE == 1:
-        pad = tl.load(PAD + b)
-        ctx = tl.load(CTX + b)
-        # Key columns past the last one any row of this tile can see are skipped, unless the
-        # tile holds padding rows without a prefix: those attend uniformly to every key.
-        last_tq = T - sq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, sq) - 1
-        uniform_rows = (P == 0) & (T - sq + pid_m * BLOCK_M < pad)
-        hi = tl.where((causal != 0) & (uniform_rows == 0), tl.minimum(L, P + tl.maximum(last_tq + 1, ctx)), L)
+    pad, ctx, hi = _row_limits(PAD, CTX, b, pid_m, sq, L, P, causal, BLOCK_M, MASK_MODE, True)
     mb = MB + b * s_mb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -301,15 +315,8 @@ def _attn_bwd_dq(Q, KA, VA, KB, VB, DO, LSE, DELTA, DQ, PAD, CTX, MB,
     delta = tl.load(DELTA + bh.to(tl.int64) * sq + rows, mask=row_ok, other=0.0)
     T = L - P
     t_q = T - sq + rows
-    pad = 0
-    ctx = 0
-    hi = L
-    if MASK_MODE == 1:
-        pad = tl.load(PAD + b)
-        ctx = tl.load(CTX + b)
-        last_tq = T - sq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, sq) - 1
-        # dS is zero on masked keys, so no row of this tile needs the keys past `hi`
-        hi = tl.where(causal != 0, tl.minimum(L, P + tl.maximum(last_tq + 1, ctx)), L)
+    # dS is zero on masked keys (fully masked rows included), so no row needs the keys past `hi`
+    pad, ctx, hi = _row_limits(PAD, CTX, b, pid_m, sq, L, P, causal, BLOCK_M, MASK_MODE, False)
     mb = MB + b * s_mb
     dq = tl.zeros([BLOCK_M, HD], tl.float32)
     dq = _dq_segment(dq, q, do, lse, delta, KA + b * s_kab + h * s_kah, VA + b * s_vab + h * s_vah, s_kas, s_vas,
