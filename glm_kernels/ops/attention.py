@@ -39,7 +39,7 @@ def _attention_torch(q, k, v, layer_id, mask, output_attentions, past_k=None, pa
     if past_k is not None:
         k, v = torch.cat((past_k, k), dim=0), torch.cat((past_v, v), dim=0)
     if isinstance(mask, GLMMask):
-        mask = mask.materialize(q.shape[0], k.shape[0])
+        mask = mask.dense(q.shape[0], k.shape[0])
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not output_attentions and not grads:
         ctx = _fused_inference(q, k, v, mask)

@@ -13,7 +13,7 @@ its tokenizer pads with True on the left), prefix columns prepended.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ class GLMMask:
     pad: torch.Tensor  # int32/int64 [b]
     context: torch.Tensor  # int32/int64 [b]
     causal: bool = True
+    _dense: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch(self) -> int:
@@ -40,6 +41,12 @@ class GLMMask:
         visible = (tq >= pad) & (tk >= pad) & allowed
         prefix = torch.ones(self.batch, sq, self.prefix_len, dtype=torch.bool, device=device)
         return ~torch.cat((prefix, visible.expand(self.batch, sq, T)), dim=2)[:, None]
+
+    def dense(self, sq: int, sk: int) -> torch.Tensor:
+        """`materialize(sq, sk)`, built once per mask: every layer of a forward shares it."""
+        if (sq, sk) not in self._dense:
+            self._dense[(sq, sk)] = self.materialize(sq, sk)
+        return self._dense[(sq, sk)]
 
     @staticmethod
     def from_bool(mask: torch.Tensor, prefix_len: int, batch: int) -> GLMMask | None:
