@@ -167,7 +167,6 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
-    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # Modules keep PyTorch's default initialisation; checkpoints overwrite it.

@@ -286,6 +286,19 @@ def _ln_fwd_chunked_kernel(X, R, W, B, Y, S, MEAN, RSTD,
 
 
 @triton.jit
+def _dx_chunk(DY, X, R, W, row, cols, m, stride_dy, stride_x, stride_r, alpha,
+              HAS_RES: tl.constexpr, HAS_W: tl.constexpr):
+    """(w * dy, x * alpha + r) of one chunk of a row, in fp32: what both passes of the split backward read."""
+    wdy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_W:
+        wdy = wdy * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s = s * alpha + tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+    return wdy, s
+
+
+@triton.jit
 def _ln_bwd_dx_kernel(DY, DS, X, R, W, MEAN, RSTD, DX, DR,
                       h, stride_dy, stride_ds, stride_x, stride_r, alpha,
                       HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_DSUM: tl.constexpr,
@@ -305,12 +318,7 @@ def _ln_bwd_dx_kernel(DY, DS, X, R, W, MEAN, RSTD, DX, DR,
     for c in range(0, n_chunks):
         cols = c * CHUNK + offs
         m = cols < h
-        wdy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_W:
-            wdy = wdy * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        s = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            s = s * alpha + tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+        wdy, s = _dx_chunk(DY, X, R, W, row, cols, m, stride_dy, stride_x, stride_r, alpha, HAS_RES, HAS_W)
         acc1 += tl.where(m, (s - mean) * rstd, 0.0) * wdy
         acc2 += wdy
     c1 = tl.sum(acc1, axis=0) / h
@@ -318,12 +326,7 @@ def _ln_bwd_dx_kernel(DY, DS, X, R, W, MEAN, RSTD, DX, DR,
     for c in range(0, n_chunks):
         cols = c * CHUNK + offs
         m = cols < h
-        wdy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_W:
-            wdy = wdy * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        s = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            s = s * alpha + tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+        wdy, s = _dx_chunk(DY, X, R, W, row, cols, m, stride_dy, stride_x, stride_r, alpha, HAS_RES, HAS_W)
         g = (wdy - ((s - mean) * rstd * c1 + c2)) * rstd
         if HAS_DSUM:
             g += tl.load(DS + row * stride_ds + cols, mask=m, other=0.0).to(tl.float32)

@@ -93,6 +93,17 @@ _FILL = {dt: float(torch.tensor(MASK_FILL, dtype=dt).float()) for dt in (torch.f
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 @triton.jit
+def _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK: tl.constexpr):
+    """(scores in fp32 with masked entries set to `fill`, mask) of one chunk of a row (mask False without one)."""
+    x = tl.load(S + s_base + cols.to(tl.int64) * ss_k, mask=ok, other=0.0).to(tl.float32)
+    masked = cols < 0
+    if HAS_MASK:
+        masked = tl.load(M + m_base + cols.to(tl.int64) * ms_k, mask=ok, other=0) != 0
+        x = tl.where(masked, fill, x)
+    return x, masked
+
+
+@triton.jit
 def _row_base(rows, SQ, NH, st_b, st_h, st_q):
     """Element offset (int64) of row `rows` = ((b * NH) + h) * SQ + q of a strided [b, nh, sq, sk] tensor."""
     q = rows % SQ
@@ -152,10 +163,7 @@ def _softmax_fwd_chunked_kernel(S, M, P, scale, fill, R, SQ, NH, SK,
     for start in range(0, SK, CHUNK):
         cols = start + offs
         ok = cols < SK
-        x = tl.load(S + s_base + cols.to(tl.int64) * ss_k, mask=ok, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            masked = tl.load(M + m_base + cols.to(tl.int64) * ms_k, mask=ok, other=0) != 0
-            x = tl.where(masked, fill, x)
+        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK)
         y = tl.where(ok, x * scale, float("-inf"))
         # Every chunk has at least one column < SK, so new_max is finite; exp(-inf - finite) = 0 at start.
         new_max = tl.maximum(run_max, tl.max(y, axis=0))
@@ -164,10 +172,7 @@ def _softmax_fwd_chunked_kernel(S, M, P, scale, fill, R, SQ, NH, SK,
     for start in range(0, SK, CHUNK):
         cols = start + offs
         ok = cols < SK
-        x = tl.load(S + s_base + cols.to(tl.int64) * ss_k, mask=ok, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            masked = tl.load(M + m_base + cols.to(tl.int64) * ms_k, mask=ok, other=0) != 0
-            x = tl.where(masked, fill, x)
+        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK)
         p = tl.exp(tl.where(ok, x * scale, float("-inf")) - run_max) / run_sum  # no exp overflow past SK
         tl.store(P + p_base + cols, downcast(p, P.dtype.element_ty), mask=ok)
 
@@ -230,10 +235,7 @@ def _softmax_bwd_chunked_kernel(S, M, DP, DS, scale, fill, R, SQ, NH, SK,
     for start in range(0, SK, CHUNK):
         cols = start + offs
         ok = cols < SK
-        x = tl.load(S + s_base + cols.to(tl.int64) * ss_k, mask=ok, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            masked = tl.load(M + m_base + cols.to(tl.int64) * ms_k, mask=ok, other=0) != 0
-            x = tl.where(masked, fill, x)
+        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK)
         dp = tl.load(DP + g_base + cols.to(tl.int64) * gs_k, mask=ok, other=0.0).to(tl.float32)
         y = tl.where(ok, x * scale, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(y, axis=0))  # finite: every chunk has a column < SK
@@ -246,10 +248,7 @@ def _softmax_bwd_chunked_kernel(S, M, DP, DS, scale, fill, R, SQ, NH, SK,
     for start in range(0, SK, CHUNK):
         cols = start + offs
         ok = cols < SK
-        x = tl.load(S + s_base + cols.to(tl.int64) * ss_k, mask=ok, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            masked = tl.load(M + m_base + cols.to(tl.int64) * ms_k, mask=ok, other=0) != 0
-            x = tl.where(masked, fill, x)
+        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK)
         dp = tl.load(DP + g_base + cols.to(tl.int64) * gs_k, mask=ok, other=0.0).to(tl.float32)
         p = tl.exp(tl.where(ok, x * scale, float("-inf")) - run_max) / run_sum  # no exp overflow past SK
         ds = p * (dp - dot) * scale
