@@ -2,7 +2,9 @@
 
 Each benchmark sets `benchmark.group` to the case and `benchmark.extra_info["impl"]`
 to "glm_kernels" or "reference"; after the run a table of medians and
-reference / glm_kernels ratios (> 1 means glm_kernels is faster) is printed.
+reference / glm_kernels ratios (> 1 means glm_kernels is faster) is printed;
+cases that record `extra_info["peak_mib"]` also get a table of peak memory
+(reference / glm_kernels, > 1 means glm_kernels needs less).
 """
 import torch
 
@@ -32,6 +34,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for bench in session.benchmarks:
         if "floor_ms" in bench.extra_info:
             floors[bench.group.rsplit(" ", 1)[-1]] = (bench.extra_info["floor_ms"], bench.extra_info["bandwidth_gbs"])
+    peaks = {}
+    for bench in session.benchmarks:
+        impl = bench.extra_info.get("impl")
+        if impl and "peak_mib" in bench.extra_info:
+            peaks.setdefault(bench.group, {})[impl] = bench.extra_info["peak_mib"]
+    if peaks:
+        tr.write_sep("-", "peak memory above the inputs (MiB), glm_kernels vs reference")
+        tr.write_line(f"{'case':<48} {'glm_kernels MiB':>15} {'reference MiB':>13} {'ratio':>8}")
+        for group, v in sorted(peaks.items()):
+            ours, ref = v.get("glm_kernels"), v.get("reference")
+            ratio = f"{ref / ours:.1f}x" if ours and ref else "-"
+            fmt = lambda m: f"{m:.0f}" if m is not None else "-"  # noqa: E731
+            tr.write_line(f"{group:<48} {fmt(ours):>15} {fmt(ref):>13} {ratio:>8}")
     for dtype, (floor, bandwidth) in sorted(floors.items()):
         tr.write_line(f"decode weight-bandwidth floor {dtype}: {floor:.1f} ms/token "
                       f"(weights read per token / measured read bandwidth {bandwidth:.1f} GB/s)")

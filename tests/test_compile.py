@@ -19,7 +19,7 @@ def test_every_config_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     kernels = {r[0].strip() for r in rows}
     for name in ("_rope_qkv_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_decode_partial",
                  "_softmax_fwd_kernel", "_softmax_bwd_kernel", "_ln_fwd_kernel", "_ln_bwd_kernel",
-                 "_gelu_fwd_kernel", "_gelu_bwd_kernel"):
+                 "_gelu_fwd_kernel", "_gelu_bwd_kernel", "_ce_rows_kernel"):
         assert name in kernels
     for kernel, config, target, regs, stack, local, shared, ok in rows:
         cc = int(re.search(r"sm_(\d+)", target).group(1))

@@ -2,13 +2,14 @@
 
 Modules: rope (2D rotary + KV write), attention (flash-style GLM attention and
 split-K decoding), softmax (scaled masked softmax), layernorm (alpha-residual
-LayerNorm), gelu (bias + tanh GeLU).
+LayerNorm), gelu (bias + tanh GeLU), cross_entropy (the in-place cross-entropy
+of one LM-head logits chunk, for the fused LM head + loss).
 """
 from __future__ import annotations
 
 import importlib
 
-MODULES = ("rope", "attention", "softmax", "layernorm", "gelu")
+MODULES = ("rope", "attention", "softmax", "layernorm", "gelu", "cross_entropy")
 
 
 def load_all() -> list:

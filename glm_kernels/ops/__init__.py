@@ -6,6 +6,7 @@ Each function here is what the model calls; the implementation behind it
 from .attention import glm_attention
 from .gelu import bias_gelu
 from .layernorm import layer_norm, residual_layer_norm
+from .lm_loss import fused_linear_cross_entropy
 from .mask import GLMMask
 from .rotary import apply_rotary_2d, rope_qkv, rotary_table
 from .softmax import scaled_masked_softmax
@@ -14,6 +15,7 @@ __all__ = [
     "GLMMask",
     "apply_rotary_2d",
     "bias_gelu",
+    "fused_linear_cross_entropy",
     "glm_attention",
     "layer_norm",
     "residual_layer_norm",
