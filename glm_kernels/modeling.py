@@ -445,6 +445,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
     """
 
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    accepts_loss_kwargs = True  # forward takes num_items_in_batch (transformers' Trainer reads this)
 
     def __init__(self, config: ChatGLMConfig, empty_init: bool = True):
         config.validate_model_shape()
@@ -476,6 +477,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         logits_to_keep=0,
+        skip_logits: Optional[bool] = None,
+        num_items_in_batch=None,
         **kwargs,
     ):
         """As `ChatGLMModel.forward`, plus `labels [b, s]` (-100 = ignored) for the shifted LM loss.
@@ -484,12 +487,25 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         (returned in the model dtype, as the original does). `logits_to_keep`:
         0 for every position, n > 0 for the last n (generation needs only the
         last one), or a 1D tensor of positions.
+
+        `skip_logits` (default: True in training mode with labels, as
+        Liger-Kernel does): compute the loss with the fused LM head +
+        cross-entropy (`ops.fused_linear_cross_entropy`) over the labelled
+        positions only, never materialising the `[b, s, vocab]` logits;
+        `logits` is then None. Same loss and gradients as the unfused path.
+        `num_items_in_batch` (passed by transformers' Trainer under gradient
+        accumulation / several processes): the loss is the sum over labelled
+        tokens divided by it instead of their mean.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None:
             expected = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
             if tuple(labels.shape) != expected:
                 raise ValueError(f"labels must be [batch, seq] = {list(expected)}, got {list(labels.shape)}")
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True returns only the loss: it needs labels")
         outputs = self.transformer(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -498,20 +514,42 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         hidden_states = outputs.last_hidden_state
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: logits_to_keep must be 0")
-        if isinstance(logits_to_keep, int):
-            kept = hidden_states[-logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        logits = loss = None
+        if skip_logits:
+            loss = self._fused_loss(hidden_states, labels, num_items_in_batch)
         else:
-            kept = hidden_states[logits_to_keep.to(hidden_states.device)]
-        logits = self.lm_head(kept).permute(1, 0, 2).contiguous()
-        loss = None
-        if labels is not None:
-            shift_logits = logits.float()[:, :-1, :]
-            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+            if isinstance(logits_to_keep, int):
+                kept = hidden_states[-logits_to_keep:] if logits_to_keep > 0 else hidden_states
+            else:
+                kept = hidden_states[logits_to_keep.to(hidden_states.device)]
+            logits = self.lm_head(kept).permute(1, 0, 2).contiguous()
+            if labels is not None:
+                shift_logits = logits.float()[:, :-1, :]
+                loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                       labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100,
+                                       reduction="mean" if num_items_in_batch is None else "sum")
+                if num_items_in_batch is not None:
+                    loss = loss / num_items_in_batch
+        if loss is not None:
             loss = loss.to(hidden_states.dtype)
         if not return_dict:
             rest = tuple(v for v in (outputs.past_key_values, outputs.hidden_states, outputs.attentions)
                          if v is not None)
-            return ((loss,) if loss is not None else ()) + (logits,) + rest
+            return ((loss,) if loss is not None else ()) + ((logits,) if logits is not None else ()) + rest
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def _fused_loss(self, hidden_states, labels, num_items_in_batch=None):
+        """Shifted LM loss from the sequence-first `[s, b, h]` hidden states, through the fused head + CE.
+
+        Only the labelled positions go through the head: position t of row i
+        predicts `labels[i, t + 1]`. Mean over them (NaN when there is none, as
+        the unfused loss), or their sum / `num_items_in_batch`.
+        """
+        hidden = hidden_states[:-1]  # [s-1, b, h]: contiguous, rows in (position, batch) order
+        targets = labels[:, 1:].transpose(0, 1).reshape(-1).to(hidden.device)
+        keep = (targets != -100).nonzero().squeeze(1)  # one host sync per training step
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+        total = ops.fused_linear_cross_entropy(rows, self.lm_head.weight, targets.index_select(0, keep),
+                                               reduction="sum", backend=self.config.kernel_backend)
+        return total / (num_items_in_batch if num_items_in_batch is not None else keep.numel())

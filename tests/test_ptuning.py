@@ -78,3 +78,55 @@ def test_fp16_model_with_fp32_prefix_encoder():
     out.loss.backward()
     grad = model.transformer.prefix_encoder.embedding.weight.grad
     assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().max() > 0
+
+
+# ------------------------------------------------------------------ fused LM head + cross-entropy in the model
+
+
+def _loss_and_prefix_grads(model, **kwargs):
+    model.zero_grad()
+    out = model(IDS, labels=LABELS, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_fused_loss_in_training_equals_the_unfused_loss_and_gradients(projection):
+    model = make_model(pre_seq_len=4, prefix_projection=projection).train()
+    model.transformer.dropout.p = 0.0  # the two passes must see the same prefix
+    fused, fused_grads = _loss_and_prefix_grads(model)
+    assert fused.logits is None  # training with labels: the [b, s, vocab] logits are never built
+    full, full_grads = _loss_and_prefix_grads(model, skip_logits=False)
+    assert full.logits.shape == (2, 8, model.config.vocab_size)
+    assert_fp32_close(fused.loss, full.loss, 1e-4, "fused loss")  # model rule
+    for name, grad in full_grads.items():
+        assert grad.abs().max() > 0
+        assert_fp32_close(fused_grads[name], grad, 1e-4, f"grad of {name}")  # model rule, gradient scale
+
+
+def test_eval_mode_keeps_the_logits_and_skip_logits_can_be_forced():
+    model = make_model(pre_seq_len=4)
+    out = model(IDS, labels=LABELS)
+    assert out.logits is not None
+    forced = model(IDS, labels=LABELS, skip_logits=True)
+    assert forced.logits is None
+    assert_fp32_close(forced.loss, out.loss, 1e-4, "loss")  # model rule
+    with pytest.raises(ValueError, match="needs labels"):
+        model(IDS, skip_logits=True)
+
+
+@pytest.mark.parametrize("skip_logits", [True, False])
+def test_num_items_in_batch_divides_the_summed_loss(skip_logits):
+    # transformers' Trainer passes the labelled-token count of the whole accumulated batch
+    model = make_model(pre_seq_len=4)
+    mean = model(IDS, labels=LABELS, skip_logits=skip_logits).loss
+    tokens = int((LABELS[:, 1:] != -100).sum())
+    summed = model(IDS, labels=LABELS, skip_logits=skip_logits, num_items_in_batch=torch.tensor(4 * tokens)).loss
+    assert_fp32_close(summed, mean / 4, 1e-4, "loss / num_items_in_batch")  # model rule
+
+
+def test_all_labels_ignored_gives_nan_like_the_original():
+    model = make_model(pre_seq_len=4)
+    ignored = torch.full_like(LABELS, -100)
+    assert torch.isnan(model(IDS, labels=ignored, skip_logits=True).loss)
+    assert torch.isnan(model(IDS, labels=ignored, skip_logits=False).loss)
