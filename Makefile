@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade "pip>=23" "setuptools>=64" wheel
 	$(BIN)/pip install "$(TORCH_PIN)"
-	$(BIN)/pip install --no-build-isolation -e ".[test]"
+	$(BIN)/pip install --no-build-isolation -e ".[test,ptune]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,13 +5,13 @@ import argparse
 import sys
 
 
-def _cmd_demo(args) -> int:
+def _cmd_selfcheck(args) -> int:
     import torch
 
-    from .demo import run_demo
+    from .selfcheck import run_selfcheck
 
     dtype = getattr(torch, args.dtype)
-    result = run_demo(seed=args.seed, new_tokens=args.new_tokens, backend=args.backend, dtype=dtype)
+    result = run_selfcheck(seed=args.seed, new_tokens=args.new_tokens, backend=args.backend, dtype=dtype)
     print(f"backend: {result['backend']}  dtype: {result['dtype']}")
     print(f"logits max |model - reference|: {result['logits_max_abs_diff']:.3e} "
           f"(scale max|ref| = {result['logits_scale']:.3g})")
@@ -42,13 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="tiny random model with a P-Tuning prefix, checked against the reference")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--new-tokens", type=int, default=16)
-    demo.add_argument("--backend", choices=["torch", "triton"], default=None,
-                      help="kernel backend (default: by device, or $GLM_KERNELS_BACKEND)")
-    demo.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    demo.set_defaults(func=_cmd_demo)
+    from .ptuning.demo import add_parser as add_demo_parser
+
+    add_demo_parser(sub)
+
+    check = sub.add_parser("selfcheck", help="tiny random model with a P-Tuning prefix, checked against the "
+                                             "reference")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--new-tokens", type=int, default=16)
+    check.add_argument("--backend", choices=["torch", "triton"], default=None,
+                       help="kernel backend (default: by device, or $GLM_KERNELS_BACKEND)")
+    check.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    check.set_defaults(func=_cmd_selfcheck)
 
     mem = sub.add_parser("load-memory", help="peak RSS of loading a synthetic sharded checkpoint")
     mem.add_argument("--gb", type=float, default=1.0, help="checkpoint size in GB (default 1)")
@@ -69,10 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .tools.chat import add_parser as add_chat_parser
 
     add_chat_parser(sub)
+    # Listed for --help only: `main` hands everything after "ptune" to THUDM's argument parser unchanged.
+    sub.add_parser("ptune", add_help=False,
+                   help="P-Tuning v2 train/evaluate/predict with THUDM's ptuning/main.py arguments "
+                        "(glm-kernels ptune --help)")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ptune":
+        from .ptuning.main import main as ptune_main
+
+        return ptune_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

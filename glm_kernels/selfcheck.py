@@ -1,4 +1,4 @@
-"""`glm-kernels demo`: a small random ChatGLM with a P-Tuning prefix, checked against the reference.
+"""`glm-kernels selfcheck`: a small random ChatGLM with a P-Tuning prefix, checked against the reference.
 
 Builds a 2-layer model (hidden 128, 4 heads, prefix of 8), runs a forward pass
 and a short greedy `generate()` (preallocated cache), and reports the backend
@@ -23,7 +23,7 @@ def tiny_config(**overrides) -> ChatGLMConfig:
 
 
 @torch.no_grad()
-def run_demo(seed: int = 0, new_tokens: int = 16, backend: str | None = None, dtype=torch.float32):
+def run_selfcheck(seed: int = 0, new_tokens: int = 16, backend: str | None = None, dtype=torch.float32):
     torch.manual_seed(seed)
     config = tiny_config(pre_seq_len=8, kernel_backend=backend)
     model = ChatGLMForConditionalGeneration(config).to(dtype).eval()

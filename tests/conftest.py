@@ -6,7 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from glm_kernels.demo import tiny_config  # noqa: E402
+from glm_kernels.selfcheck import tiny_config  # noqa: E402
 from glm_kernels.modeling import ChatGLMForConditionalGeneration  # noqa: E402
 
 

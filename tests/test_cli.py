@@ -10,8 +10,8 @@ def run_cli(*args, env=None):
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
-def test_demo_reports_backend_and_matches_reference():
-    out = run_cli("demo", "--new-tokens", "6", env={"GLM_KERNELS_BACKEND": "torch"})
+def test_selfcheck_reports_backend_and_matches_reference():
+    out = run_cli("selfcheck", "--new-tokens", "6", env={"GLM_KERNELS_BACKEND": "torch"})
     assert out.returncode == 0, out.stderr
     assert "backend: torch  dtype: float32" in out.stdout
     diff, scale = map(float, re.search(r"reference\|: (\S+) \(scale max\|ref\| = (\S+)\)", out.stdout).groups())
@@ -21,7 +21,7 @@ def test_demo_reports_backend_and_matches_reference():
     assert len(tokens) == 6
 
 
-def test_demo_rejects_unknown_backend_in_environment():
-    out = run_cli("demo", env={"GLM_KERNELS_BACKEND": "cuda"})
+def test_selfcheck_rejects_unknown_backend_in_environment():
+    out = run_cli("selfcheck", env={"GLM_KERNELS_BACKEND": "cuda"})
     assert out.returncode != 0
     assert "GLM_KERNELS_BACKEND is 'cuda'" in out.stderr

@@ -43,14 +43,14 @@ TEXTS = [
 ]
 
 
-def train_model(special_type="user_defined"):
-    """Bytes of a small SentencePiece model with ChatGLM's pieces (`<pad>` = 3)."""
+def train_model(special_type="user_defined", corpus=CORPUS, vocab_size=600):
+    """Bytes of a small SentencePiece model with ChatGLM's pieces (`<pad>` = 3), trained on `corpus`."""
     buf = io.BytesIO()
     specials = {"user_defined_symbols": WHITESPACE_PIECES + list(SPECIAL_PIECES)}
     if special_type == "control":
         specials = {"user_defined_symbols": WHITESPACE_PIECES, "control_symbols": list(SPECIAL_PIECES)}
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=600, hard_vocab_limit=False,
+        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=vocab_size, hard_vocab_limit=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>", byte_fallback=True,
         character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
         minloglevel=2, **specials)
