@@ -360,6 +360,16 @@ def tokenize_split(raw_split, source: SplitSource, tokenizer, data_args: DataTra
 # ------------------------------------------------------------------ batching
 
 
+def _padded(rows: list, width: int, fill: int, left: bool = False) -> torch.Tensor:
+    """`[len(rows), width]` int64: each row's values on the right (`left=True`: on the left), `fill` elsewhere."""
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            target = out[i, width - len(row):] if left else out[i, :len(row)]
+            target.copy_(torch.as_tensor(row))
+    return out
+
+
 @dataclass
 class TrainCollator:
     """Right-pads training rows to the longest of the batch (or to a fixed width): ids with pad, labels with -100."""
@@ -369,13 +379,8 @@ class TrainCollator:
 
     def __call__(self, features):
         width = self.fixed_length or max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), -100, dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n] = torch.as_tensor(f["input_ids"])
-            labels[row, :n] = torch.as_tensor(f["labels"])
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": _padded([f["input_ids"] for f in features], width, self.pad_token_id),
+                "labels": _padded([f["labels"] for f in features], width, -100)}
 
 
 @dataclass
@@ -383,17 +388,10 @@ class GenerationCollator:
     """Left-pads prompts for batched generation (2D padding mask); labels right-padded with -100."""
 
     pad_token_id: int
-    fixed_length: int | None = None
 
     def __call__(self, features):
-        width = self.fixed_length or max(len(f["input_ids"]) for f in features)
-        label_width = max(len(f["labels"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        labels = torch.full((len(features), label_width), -100, dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, width - n:] = torch.as_tensor(f["input_ids"])
-            mask[row, width - n:] = 1
-            labels[row, :len(f["labels"])] = torch.as_tensor(f["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        prompts = [f["input_ids"] for f in features]
+        width = max(len(p) for p in prompts)
+        return {"input_ids": _padded(prompts, width, self.pad_token_id, left=True),
+                "attention_mask": _padded([[1] * len(p) for p in prompts], width, 0, left=True),
+                "labels": _padded([f["labels"] for f in features], max(len(f["labels"]) for f in features), -100)}
