@@ -95,6 +95,8 @@ def plot_loss_curve(log_history: list[dict], path: str, title: str = "P-Tuning v
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     steps, losses = zip(*points)
     ax.plot(steps, losses, marker="o" if len(points) < 30 else None, linewidth=1.5)
+    if min(losses) > 0 and max(losses) / min(losses) > 50:
+        ax.set_yscale("log")  # a loss that falls by orders of magnitude reads better on a log axis
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

@@ -1,0 +1,28 @@
+"""`make demo`'s job (`glm-kernels demo`): a real P-Tuning run on the shipped assets that visibly learns."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+
+def test_demo_learns_the_style_and_chat_uses_the_prefix(tmp_path):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-m", "glm_kernels.cli", "demo", "--output-dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = {m.group(1): [float(x) for x in m.group(2).split(" | ")]
+             for m in re.finditer(r"^\| (\w[^|]*?) \| \d+ \| (.*) \|$", out.stdout, re.M)}
+    # columns: exact match, BLEU-4, ROUGE-1, ROUGE-2, ROUGE-L (percent)
+    assert table["training, before"][0] <= 5 and table["training, after"][0] >= 90
+    assert table["dev (unseen), after"][0] >= 80 and table["dev (unseen), after"][4] > table["dev (unseen), before"][4]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "ptune" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses[-1] < 0.1 * losses[0]
+    chat = re.search(r"答：(.*)\n\s+\(reference: (.*)\)", out.stdout)
+    first = json.loads((tmp_path / "after-dev" / "generated_predictions.txt").read_text().splitlines()[0])
+    assert chat and chat.group(2) == first["labels"]
+    assert chat.group(1) == first["predict"]  # chat() with the prefix answers as the batched prediction did
+    assert chat.group(1).startswith("姐妹们冲！")  # in the style the prefix was trained on
+    assert (tmp_path / "ptune" / "loss_curve.png").is_file()
