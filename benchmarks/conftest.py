@@ -4,7 +4,8 @@ Each benchmark sets `benchmark.group` to the case and `benchmark.extra_info["imp
 to "glm_kernels" or "reference"; after the run a table of medians and
 reference / glm_kernels ratios (> 1 means glm_kernels is faster) is printed;
 cases that record `extra_info["peak_mib"]` also get a table of peak memory
-(reference / glm_kernels, > 1 means glm_kernels needs less).
+(reference / glm_kernels, > 1 means glm_kernels needs less), and those that
+record `extra_info["loss"]` a table of both losses.
 """
 import torch
 
@@ -47,6 +48,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             ratio = f"{ref / ours:.1f}x" if ours and ref else "-"
             fmt = lambda m: f"{m:.0f}" if m is not None else "-"  # noqa: E731
             tr.write_line(f"{group:<48} {fmt(ours):>15} {fmt(ref):>13} {ratio:>8}")
+    losses = {}
+    for bench in session.benchmarks:
+        impl = bench.extra_info.get("impl")
+        if impl and "loss" in bench.extra_info:
+            losses.setdefault(bench.group, {})[impl] = bench.extra_info["loss"]
+    if losses:
+        tr.write_sep("-", "loss of the first step (same weights and batch), glm_kernels vs reference")
+        for group, v in sorted(losses.items()):
+            tr.write_line(f"{group:<48} {v.get('glm_kernels', float('nan')):>15.6f} "
+                          f"{v.get('reference', float('nan')):>13.6f}")
     for dtype, (floor, bandwidth) in sorted(floors.items()):
         tr.write_line(f"decode weight-bandwidth floor {dtype}: {floor:.1f} ms/token "
                       f"(weights read per token / measured read bandwidth {bandwidth:.1f} GB/s)")

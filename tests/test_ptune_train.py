@@ -179,7 +179,7 @@ def test_gradient_checkpointing_gives_the_same_training(base, data, tmp_path):
     train, _ = data
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(train_argv(base, train, a, 2, prefix_dropout=0.0)) == 0
-    assert main(train_argv(base, train, b, 2, prefix_dropout=0.0, gradient_checkpointing=True)) == 0
+    assert main(train_argv(base, train, b, 2, prefix_dropout=0.0, activation_checkpointing=True)) == 0
     for step, entry in losses_of(a).items():
         assert losses_of(b)[step]["loss"] == pytest.approx(entry["loss"], rel=1e-5)
 
