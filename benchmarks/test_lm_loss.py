@@ -5,8 +5,8 @@ hidden states only), every label valid (no ignored rows, which the fused op woul
 CPU the torch path, on a GPU the Triton kernel.
 
 Peak memory is measured once per case, outside the timed rounds, as the growth over the memory held before the
-step (inputs already allocated): on the CPU the resident set's high-water mark, on a GPU the allocator's peak
-(`benchmarks/memory.py`). The table after the timings prints both peaks and their ratio (reference / glm_kernels).
+step (inputs already allocated): on the CPU the resident set's high-water mark in a fresh process, on a GPU the
+allocator's peak (`benchmarks/memory.py`). The table after the timings prints both peaks and their ratio (reference / glm_kernels).
 """
 import os
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from glm_kernels import ops
-from memory import peak_growth_mib
+from memory import peak_mib
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
@@ -37,9 +37,8 @@ def _inputs(dtype):
     return _INPUTS[dtype]
 
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("impl", ["glm_kernels", "reference"])
-def test_lm_loss_forward_backward(benchmark, impl, dtype_name):
+def make_step(impl, dtype_name):
+    """Loss + backward of one implementation on this dtype's inputs."""
     hidden, weight, labels = _inputs(DTYPES[dtype_name])
 
     def step():
@@ -50,7 +49,14 @@ def test_lm_loss_forward_backward(benchmark, impl, dtype_name):
             loss = F.cross_entropy(F.linear(h, weight).float(), labels)
         loss.backward()
 
-    step()  # warm-up, outside the memory measurement
+    return step
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("impl", ["glm_kernels", "reference"])
+def test_lm_loss_forward_backward(benchmark, impl, dtype_name):
+    step = make_step(impl, dtype_name)
+    step()  # warm-up
     benchmark.group = f"lm loss+bwd {N}x{HIDDEN} vocab {VOCAB} {dtype_name}"
-    benchmark.extra_info.update(impl=impl, peak_mib=peak_growth_mib(step, DEVICE))
+    benchmark.extra_info.update(impl=impl, peak_mib=peak_mib("test_lm_loss", "make_step", impl, dtype_name))
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
