@@ -97,19 +97,18 @@ def prepare_data(tokenizer, config, data_args: DataTrainingArguments, training_a
                          f"{data_args.max_target_length} exceeds the model's max_sequence_length={limit}")
     raw, sources = load_raw_datasets(data_args, cache_dir=model_args.cache_dir,
                                      use_auth_token=model_args.use_auth_token)
-    plan = []
+    plan = []  # (split, the flag that needs it, rows laid out for training?, row limit)
     if training_args.do_train:
-        plan.append(("train", True, data_args.max_train_samples))
+        plan.append(("train", "do_train", True, data_args.max_train_samples))
     if training_args.do_eval:
         # Without generation, evaluation is the teacher-forced loss: rows laid out as for training.
-        plan.append(("validation", not training_args.predict_with_generate, data_args.max_eval_samples))
+        plan.append(("validation", "do_eval", not training_args.predict_with_generate, data_args.max_eval_samples))
     if training_args.do_predict:
-        plan.append(("test", False, data_args.max_predict_samples))
+        plan.append(("test", "do_predict", False, data_args.max_predict_samples))
     datasets, summaries = {}, {}
-    for split, training_layout, max_samples in plan:
+    for split, flag, training_layout, max_samples in plan:
         if split not in raw:
-            raise DataError(f"--do_{ {'train': 'train', 'validation': 'eval', 'test': 'predict'}[split]} needs a "
-                            f"{split} split; the data has {', '.join(raw)}")
+            raise DataError(f"--{flag} needs a {split} split; the data has {', '.join(raw)}")
         rows = raw[split]
         if max_samples is not None:
             rows = rows.select(range(min(len(rows), max_samples)))
