@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 METRICS_FILE = "metrics.jsonl"
@@ -15,10 +16,10 @@ class PTuneProgressCallback(ProgressCallback):
     """transformers' tqdm bar (steps, ETA) with the last logged loss and the input tokens per second."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        if self.training_bar is not None:
-            self.training_bar.update(state.global_step)  # a resumed run starts where the checkpoint was
-            self.training_bar.set_description("ptune")
+        if state.is_world_process_zero:
+            # a resumed run starts where its checkpoint was
+            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, desc="ptune",
+                                     dynamic_ncols=True)
         self.current_step = state.global_step
         self._start = (time.perf_counter(), state.num_input_tokens_seen or 0)
         self._loss = None
