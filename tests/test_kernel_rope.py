@@ -215,14 +215,14 @@ def test_bytes_moved_match_formula():
 
 def test_compile_specs_cover_every_launch_config():
     specs = rope.compile_specs()
-    seen = {(sp.signature["XQ"], sp.constexprs["HEAD_DIM"], sp.constexprs["BLOCK_H"], sp.constexprs["INVERSE"],
+    seen = {(sp.extra["dtype"], sp.constexprs["HEAD_DIM"], sp.constexprs["BLOCK_H"], sp.constexprs["INVERSE"],
              sp.num_warps) for sp in specs}
-    for tl_dtype in ("*fp16", "*bf16"):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for hd in (16, 32, 64, 128, 256):
             cfg = rope.launch_config(hd)
             for inverse in (False, True):
-                assert (tl_dtype, hd, cfg["BLOCK_H"], inverse, cfg["num_warps"]) in seen
-    assert len(seen) == len(specs) == 20
+                assert (dtype, hd, cfg["BLOCK_H"], inverse, cfg["num_warps"]) in seen
+    assert len(seen) == len(specs) == 30
 
 
 @pytest.mark.parametrize("used", ["qk", "q"])

@@ -19,7 +19,7 @@ step `cross_entropy_chunk`. Labels reaching the kernel are in [0, V): the
 loop drops rows with `ignore_index` before the matmul.
 
 Launch configuration (`ce_config`, a function of V only, the same for every
-dtype): BLOCK_V = clamp(next_pow2(V), 16, 4096), num_warps =
+dtype): BLOCK_V = clamp(next_pow2(V), 1024, 4096), num_warps =
 clamp(BLOCK_V / 256, 1, 8) (8 elements per thread up to BLOCK_V = 2048, 16 at
 4096), one stage. Grid: C programs. `compile_specs()` lists every
 (BLOCK_V, num_warps) for fp16, bf16 and fp32, with and without the gradient
@@ -40,9 +40,11 @@ import triton.language as tl
 
 from ..backend import register
 from ..ops.lm_loss import linear_cross_entropy
-from .common import TL_TYPE, CompileSpec, check_device, downcast
+from ..backend import TARGETS, DeviceInfo, assume_device
+from .common import (DTYPES, TL_TYPE, CompileSpec, aligned, check_device, downcast, launch, meta, record_launches,
+                     row_stride, specs_from_launches, tensor_dtype)
 
-MIN_BLOCK_V = 16
+MIN_BLOCK_V = 1024  # smaller vocabularies (toy models) are masked: no configurations of their own
 MAX_BLOCK_V = 4096
 
 
@@ -54,7 +56,7 @@ def ce_config(vocab: int) -> dict:
     return {"BLOCK_V": block, "num_warps": min(8, max(1, block // 256)), "num_stages": 1}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["LABELS", "LOSS"])  # one scalar per row: alignment facts buy nothing
 def _ce_rows_kernel(LOGITS, LABELS, LOSS, n_cols, stride_row, scale,
                     COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """Row `program_id`: LOSS[row] = logsumexp(z) - z[label] (fp32, z = LOGITS[row].float());
@@ -91,9 +93,8 @@ def cross_entropy_chunk(logits, labels, losses, scale, compute_grad):
     if rows == 0:
         return
     cfg = ce_config(vocab)
-    _ce_rows_kernel[(rows,)](logits, labels, losses, vocab, logits.stride(0), float(scale),
-                             COMPUTE_GRAD=compute_grad, BLOCK_V=cfg["BLOCK_V"],
-                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch(_ce_rows_kernel, (rows,), aligned(logits), labels, losses, vocab, row_stride(logits), float(scale),
+           COMPUTE_GRAD=compute_grad, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 @register("lm_loss", "triton")
@@ -103,21 +104,27 @@ def _lm_loss_triton(hidden, weight, labels, ignore_index, reduction, chunk_size)
     return linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, chunk_size, cross_entropy_chunk)
 
 
-def compile_specs() -> list[CompileSpec]:
-    """Every (BLOCK_V, num_warps) `ce_config` can return (BLOCK_V = 16 .. 4096), fp16, bf16 and fp32 logits,
-    with and without the gradient pass."""
-    specs = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        t = TL_TYPE[dtype]
-        sig = {"LOGITS": f"*{t}", "LABELS": "*i64", "LOSS": "*fp32", "n_cols": "i32", "stride_row": "i32",
-               "scale": "fp32", "COMPUTE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
-        block = MIN_BLOCK_V
-        while block <= MAX_BLOCK_V:
-            cfg = ce_config(block)
-            for grad in (True, False):
-                label = f"{t} BLOCK_V={cfg['BLOCK_V']} warps={cfg['num_warps']} {'grad' if grad else 'loss'}"
-                specs.append(CompileSpec(_ce_rows_kernel, sig, dict(COMPUTE_GRAD=grad, BLOCK_V=cfg["BLOCK_V"]),
-                                         cfg["num_warps"], cfg["num_stages"], label,
-                                         extra={"dtype": dtype, "config": cfg, "grad": grad}))
-            block *= 2
-    return specs
+def compile_specs(target: DeviceInfo | None = None) -> list[CompileSpec]:
+    """Every (BLOCK_V, num_warps) `ce_config` can return (BLOCK_V = 16 .. 4096, the same on every GPU), fp16,
+    bf16 and fp32 logits, with and without the gradient pass, recorded from `cross_entropy_chunk` on meta
+    tensors with vocabularies 16-divisible and not (the chunk's row stride is the vocabulary)."""
+    with assume_device(target or TARGETS[80]), record_launches() as launches:
+        for dtype in DTYPES:
+            block = MIN_BLOCK_V
+            while block <= MAX_BLOCK_V:
+                for vocab in sorted({block, block - 1, 130528 if block == MAX_BLOCK_V else block}):
+                    if ce_config(vocab)["BLOCK_V"] != block:
+                        continue
+                    for grad in (True, False):
+                        cross_entropy_chunk(meta(4, vocab, dtype=dtype), meta(4, dtype=torch.long),
+                                            meta(4, dtype=torch.float32), 0.25, grad)
+                block *= 2
+
+    def label(ln, consts):
+        return (f"{TL_TYPE[tensor_dtype(ln)]} BLOCK_V={consts['BLOCK_V']} warps={ln.kwargs['num_warps']} "
+                f"{'grad' if consts['COMPUTE_GRAD'] else 'loss'}")
+
+    def extra(ln):
+        return {"dtype": tensor_dtype(ln), "config": ce_config(ln.arg("n_cols")), "grad": ln.kwargs["COMPUTE_GRAD"]}
+
+    return specs_from_launches(launches, label, extra)

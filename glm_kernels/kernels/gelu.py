@@ -13,8 +13,8 @@ Op "gelu", same signature and semantics as `_gelu_torch(x, bias)` in `glm_kernel
   software (`common.downcast`: the interpreter's own cast truncates).
 
 Tiling: program (row group, column block) handles R consecutive rows of
-BLOCK_N columns, reading its bias block once. BLOCK_N = min(next power of
-two of n, 1024), num_warps = BLOCK_N / 256 (1 to 4: 8 elements per thread),
+BLOCK_N columns, reading its bias block once. BLOCK_N = 1024 (narrower rows
+are masked: toy widths need no configurations of their own), num_warps = 4 (8 elements per thread),
 R = `rows_per_program(N)` = clamp(N // 64, 1, 16). Grid: P = ceil(N / R)
 row groups x ceil(n / BLOCK_N) column blocks.
 
@@ -45,8 +45,11 @@ import triton
 import triton.language as tl
 
 from ..backend import register
-from .common import TL_TYPE, CompileSpec, as_rows, check_device, downcast
+from ..backend import TARGETS, DeviceInfo, assume_device
+from .common import (DTYPES, TL_TYPE, CompileSpec, aligned, as_rows, check_device, downcast, launch, meta,
+                     record_launches, row_stride, specs_from_launches, tensor_dtype)
 
+MIN_BLOCK_N = 1024  # narrower rows (toy models) are masked, and need no configurations of their own
 MAX_BLOCK_N = 1024
 SQRT_2_OVER_PI = 0.7978845608028654
 GELU_C = 0.044715
@@ -64,7 +67,7 @@ def gelu_config(n_cols: int) -> dict:
     """BLOCK_N, num_warps, num_stages for rows of width n_cols (the same for every dtype and direction)."""
     if n_cols < 1:
         raise ValueError(f"gelu: width n={n_cols} must be positive")
-    block = min(triton.next_power_of_2(n_cols), MAX_BLOCK_N)
+    block = min(max(triton.next_power_of_2(n_cols), MIN_BLOCK_N), MAX_BLOCK_N)
     return {"BLOCK_N": block, "num_warps": min(4, max(1, block // 256)), "num_stages": 1}
 
 
@@ -78,7 +81,7 @@ def _exp_neg_2u(z):
     return tl.exp(tl.minimum(-2.0 * u, 80.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_prog"])
 def _gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, stride_x, rows_per_prog,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (row group, column block): y = gelu(x + bias) on R rows x BLOCK_N columns."""
@@ -99,7 +102,7 @@ def _gelu_fwd_kernel(X, BIAS, Y, n_rows, n_cols, stride_x, rows_per_prog,
         tl.store(Y + row64 * n_cols + cols, downcast(y, Y.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_prog"])
 def _gelu_bwd_kernel(DY, X, BIAS, DX, DB_PART, n_rows, n_cols, stride_dy, stride_x, rows_per_prog,
                      HAS_BIAS: tl.constexpr, STORE_DX: tl.constexpr, COMPUTE_DB: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (row group, column block): dz = dy * gelu'(x + bias); dx = dz; dbias partial = sum_rows dz."""
@@ -130,7 +133,7 @@ def _gelu_bwd_kernel(DY, X, BIAS, DX, DB_PART, n_rows, n_cols, stride_dy, stride
         if COMPUTE_DB:
             acc += dz
     if COMPUTE_DB:
-        tl.store(DB_PART + pid_r * n_cols + cols, acc, mask=cmask)
+        tl.store(DB_PART + pid_r.to(tl.int64) * n_cols + cols, acc, mask=cmask)
 
 
 # ---------------------------------------------------------------- host side
@@ -151,10 +154,10 @@ class _BiasGeluFn(torch.autograd.Function):
         y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
         if rows > 0:
             rpp, p_r, p_c = _grid(rows, n, cfg)
-            _gelu_fwd_kernel[(p_r, p_c)](
-                x2, bias if bias is not None else x2, y, rows, n, x2.stride(0), rpp,
-                HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            launch(_gelu_fwd_kernel, (p_r, p_c),
+                   x2, bias if bias is not None else x2, y, rows, n, row_stride(x2), rpp,
+                   HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"],
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         ctx.save_for_backward(x2, bias)
         ctx.shape = shape
         return y.view(shape)
@@ -170,17 +173,23 @@ class _BiasGeluFn(torch.autograd.Function):
         rpp, p_r, p_c = _grid(rows, n, cfg) if rows > 0 else (1, 0, 0)
         db_part = torch.empty((p_r, n), dtype=torch.float32, device=x2.device) if need_b else None
         if rows > 0:
-            _gelu_bwd_kernel[(p_r, p_c)](
-                dy2, x2, bias if bias is not None else x2, dx if dx is not None else dy2,
-                db_part if db_part is not None else dy2, rows, n, dy2.stride(0), x2.stride(0), rpp,
-                HAS_BIAS=bias is not None, STORE_DX=need_x, COMPUTE_DB=need_b, 
-                BLOCK_N=cfg["BLOCK_N"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            launch(_gelu_bwd_kernel, (p_r, p_c),
+                   dy2, x2, bias if bias is not None else x2, dx if dx is not None else dy2,
+                   db_part if db_part is not None else dy2, rows, n, row_stride(dy2), row_stride(x2), rpp,
+                   HAS_BIAS=bias is not None, STORE_DX=need_x, COMPUTE_DB=need_b, BLOCK_N=cfg["BLOCK_N"],
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dbias = db_part.sum(0).to(bias.dtype) if need_b else None
         return (dx.view(ctx.shape) if dx is not None else None), dbias
 
 
-@register("gelu", "triton")
+def _supports(x, bias):
+    """None if the Triton GeLU takes this call, else why not."""
+    if x.dtype not in TL_TYPE:
+        return f"gelu: unsupported dtype {x.dtype}; expected fp32, fp16 or bf16"
+    return None
+
+
+@register("gelu", "triton", supports=_supports)
 def _gelu_triton(x, bias):
     """`gelu(x + bias)` (tanh form) on the Triton kernels; x `[..., n]`, bias `[n]` or None; dtype of x."""
     check_device(x, bias)
@@ -190,35 +199,29 @@ def _gelu_triton(x, bias):
     gelu_config(n)
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"gelu: bias has shape {tuple(bias.shape)}, expected ({n},)")
-    return _BiasGeluFn.apply(x, bias)
+    return _BiasGeluFn.apply(x, aligned(bias))
 
 
 # ---------------------------------------------------------------- ahead-of-time compilation
 
 
-def compile_specs() -> list[CompileSpec]:
-    """Every (BLOCK_N, num_warps, num_stages) `gelu_config` can return (BLOCK_N = 1 .. 1024), fp16 and bf16,
-    forward and backward, with every feature flag on (bias, dx, dbias): the flags only remove code."""
-    specs = []
-    for dtype in (torch.float16, torch.bfloat16):
-        t = TL_TYPE[dtype]
-        fwd_sig = {"X": f"*{t}", "BIAS": f"*{t}", "Y": f"*{t}", "n_rows": "i32", "n_cols": "i32",
-                   "stride_x": "i32", "rows_per_prog": "i32", "HAS_BIAS": "constexpr",
-                   "BLOCK_N": "constexpr"}
-        bwd_sig = {"DY": f"*{t}", "X": f"*{t}", "BIAS": f"*{t}", "DX": f"*{t}", "DB_PART": "*fp32",
-                   "n_rows": "i32", "n_cols": "i32", "stride_dy": "i32", "stride_x": "i32", "rows_per_prog": "i32",
-                   "HAS_BIAS": "constexpr", "STORE_DX": "constexpr", "COMPUTE_DB": "constexpr",
-                   "BLOCK_N": "constexpr"}
-        block = 1
-        while block <= MAX_BLOCK_N:
-            cfg = gelu_config(block)
-            label = f"{t} BLOCK_N={cfg['BLOCK_N']} warps={cfg['num_warps']}"
-            specs.append(CompileSpec(_gelu_fwd_kernel, fwd_sig,
-                                     dict(HAS_BIAS=True, BLOCK_N=cfg["BLOCK_N"]),
-                                     cfg["num_warps"], cfg["num_stages"], label))
-            specs.append(CompileSpec(_gelu_bwd_kernel, bwd_sig,
-                                     dict(HAS_BIAS=True, STORE_DX=True, COMPUTE_DB=True,
-                                          BLOCK_N=cfg["BLOCK_N"]),
-                                     cfg["num_warps"], cfg["num_stages"], label))
-            block *= 2
-    return specs
+def compile_specs(target: DeviceInfo | None = None) -> list[CompileSpec]:
+    """Every (BLOCK_N, num_warps, num_stages) `gelu_config` can return (BLOCK_N = 1 .. 1024, the same on every
+    GPU), fp16, bf16 and fp32, forward and backward, recorded from the launchers on meta tensors with widths
+    16-divisible and not, with every feature flag on (bias, dx, dbias): the flags only remove code."""
+    with assume_device(target or TARGETS[80]), record_launches() as launches:
+        for dtype in DTYPES:
+            block = MIN_BLOCK_N
+            while block <= MAX_BLOCK_N:
+                for n in sorted({block, block - 1, block // 2 + 1, 2 * MAX_BLOCK_N if block == MAX_BLOCK_N else 0,
+                                 1 if block == MIN_BLOCK_N else 0}):
+                    if n >= 1 and gelu_config(n)["BLOCK_N"] == block:
+                        x, b = meta(3, 5, n, dtype=dtype).requires_grad_(), meta(n, dtype=dtype).requires_grad_()
+                        y = _gelu_triton(x, b)
+                        y.backward(meta(*y.shape, dtype=dtype))
+                block *= 2
+
+    def label(ln, consts):
+        return f"{TL_TYPE[tensor_dtype(ln)]} BLOCK_N={consts['BLOCK_N']} warps={ln.kwargs['num_warps']}"
+
+    return specs_from_launches(launches, label, lambda ln: {"dtype": tensor_dtype(ln)})

@@ -21,7 +21,9 @@ Op "layernorm", same signature and semantics as `_layernorm_torch` in
   computed and stored.
 
 Widths 1 <= h <= 16384 (ChatGLM-6B: 4096); wider rows raise ValueError.
-BLOCK = next power of two of h. `ln_config(h, direction)` picks the kernels:
+BLOCK = next power of two of h, at least MIN_BLOCK = 128 (one warp of 4 elements
+per thread: narrower rows are masked, and need no configurations of their own).
+`ln_config(h, direction)` picks the kernels:
 the whole row sits in registers up to BLOCK 8192 in the forward and BLOCK
 4096 in the backward (8 resp. 4 elements per thread, BLOCK/256 resp.
 BLOCK/128 warps, at most 16); wider rows would spill (the backward also
@@ -91,9 +93,12 @@ import triton
 import triton.language as tl
 
 from ..backend import register
-from .common import TL_TYPE, CompileSpec, as_rows, check_device, downcast
+from ..backend import TARGETS, DeviceInfo, assume_device
+from .common import (DTYPES, TL_TYPE, CompileSpec, aligned, as_rows, check_device, downcast, launch, meta,
+                     record_launches, residual_sum, row_stride, specs_from_launches, tensor_dtype)
 
 MAX_H = 16384             # widest supported row
+MIN_BLOCK = 128           # narrowest tile (narrower rows are masked)
 WHOLE_ROW_MAX = {"fwd": 8192, "bwd": 4096}  # widest BLOCK kept whole in registers without spilling
 CHUNK = 2048              # column chunk of the chunked kernels (wider rows)
 DWDB_BLOCK = 1024         # column block of the split dweight/dbias kernel
@@ -112,16 +117,18 @@ def rows_per_program(n_rows: int) -> int:
 def ln_config(h: int, direction: str = "fwd") -> dict:
     """Launch config of the `direction` ("fwd" / "bwd") kernels for rows of width h (the same for every dtype).
 
-    BLOCK = next power of two of h. Up to WHOLE_ROW_MAX[direction] the row is one BLOCK in registers with
+    BLOCK = next power of two of h, at least MIN_BLOCK. Up to WHOLE_ROW_MAX[direction] the row is one BLOCK in registers with
     8 (forward) or 4 (backward) elements per thread, 1 to 16 warps; wider rows are walked in chunks of
     CHUNK columns by 16 warps (``chunked``): whole 8192-wide rows spill in the backward on sm_90 (its
     dweight/dbias accumulators live beside the row) and 16384-wide ones spill in both directions.
     """
     if not 1 <= h <= MAX_H:
         raise ValueError(f"layernorm: hidden size h={h} is not supported by the triton kernels (1 <= h <= {MAX_H})")
-    block = triton.next_power_of_2(h)
+    block = max(MIN_BLOCK, triton.next_power_of_2(h))
     if block <= WHOLE_ROW_MAX[direction]:
-        per_thread = 8 if direction == "fwd" else 4
+        # 8 elements per thread forward, 4 backward; but 8 for the 2048-wide backward (with 16 warps ptxas spilled
+        # 8 bytes of the fp32 variant on sm_90)
+        per_thread = 8 if direction == "fwd" or block == 2048 else 4
         return {"BLOCK": block, "chunked": False, "num_warps": min(16, max(1, block // (32 * per_thread))),
                 "num_stages": 1}
     return {"BLOCK": block, "chunked": True, "CHUNK": CHUNK, "num_warps": 16, "num_stages": 1}
@@ -135,7 +142,11 @@ def dwdb_config() -> dict:
 # ---------------------------------------------------------------- kernels
 
 
-@triton.jit
+# Row counts change with every call: never specialised (one compiled kernel per configuration and width class).
+_ROWS = ["n_rows", "rows_per_prog"]
+
+
+@triton.jit(do_not_specialize=_ROWS)
 def _ln_fwd_kernel(X, R, W, B, Y, S, MEAN, RSTD,
                    n_rows, h, stride_x, stride_r, rows_per_prog, alpha, eps,
                    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -156,10 +167,7 @@ def _ln_fwd_kernel(X, R, W, B, Y, S, MEAN, RSTD,
         row = row0 + i
         m = cols < tl.where(row < n_rows, h, 0)  # (a scalar-bool & vector mask has a non-bool dtype in the interpreter)
         row64 = row.to(tl.int64)
-        s = tl.load(X + row64 * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            r = tl.load(R + row64 * stride_r + cols, mask=m, other=0.0).to(tl.float32)
-            s = s * alpha + r
+        s = residual_sum(X, R, row64 * stride_x + cols, row64 * stride_r + cols, m, alpha, HAS_RES)
         if STORE_SUM:
             tl.store(S + row64 * h + cols, downcast(s, S.dtype.element_ty), mask=m)
         mean = tl.sum(s, axis=0) / h
@@ -177,7 +185,7 @@ def _ln_fwd_kernel(X, R, W, B, Y, S, MEAN, RSTD,
             tl.store(RSTD + row, rstd, mask=row < n_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROWS)
 def _ln_bwd_kernel(DY, DS, X, R, W, MEAN, RSTD, DX, DR, DW_PART, DB_PART,
                    n_rows, h, stride_dy, stride_ds, stride_x, stride_r, rows_per_prog, alpha,
                    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_DSUM: tl.constexpr,
@@ -202,10 +210,7 @@ def _ln_bwd_kernel(DY, DS, X, R, W, MEAN, RSTD, DX, DR, DW_PART, DB_PART,
         row64 = row.to(tl.int64)
         dy = tl.load(DY + row64 * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
         if NEED_G or COMPUTE_DW:
-            s = tl.load(X + row64 * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-            if HAS_RES:
-                r = tl.load(R + row64 * stride_r + cols, mask=m, other=0.0).to(tl.float32)
-                s = s * alpha + r
+            s = residual_sum(X, R, row64 * stride_x + cols, row64 * stride_r + cols, m, alpha, HAS_RES)
             mean = tl.load(MEAN + row, mask=valid, other=0.0)
             rstd = tl.load(RSTD + row, mask=valid, other=0.0)
             xhat = tl.where(m, (s - mean) * rstd, 0.0)
@@ -228,9 +233,9 @@ def _ln_bwd_kernel(DY, DS, X, R, W, MEAN, RSTD, DX, DR, DW_PART, DB_PART,
             if STORE_DX:
                 tl.store(DX + row64 * h + cols, downcast((g * alpha), DX.dtype.element_ty), mask=m)
     if COMPUTE_DW:
-        tl.store(DW_PART + pid * h + cols, dw, mask=cmask)
+        tl.store(DW_PART + pid.to(tl.int64) * h + cols, dw, mask=cmask)
     if COMPUTE_DB:
-        tl.store(DB_PART + pid * h + cols, db, mask=cmask)
+        tl.store(DB_PART + pid.to(tl.int64) * h + cols, db, mask=cmask)
 
 
 @triton.jit
@@ -253,9 +258,7 @@ def _ln_fwd_chunked_kernel(X, R, W, B, Y, S, MEAN, RSTD,
     for c in range(0, n_chunks):
         cols = c * CHUNK + offs
         m = cols < h
-        s = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            s = s * alpha + tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+        s = residual_sum(X, R, row * stride_x + cols, row * stride_r + cols, m, alpha, HAS_RES)
         if STORE_SUM:
             tl.store(S + row * h + cols, downcast(s, S.dtype.element_ty), mask=m)
         n_c = tl.minimum(h - c * CHUNK, CHUNK).to(tl.float32)
@@ -274,9 +277,7 @@ def _ln_fwd_chunked_kernel(X, R, W, B, Y, S, MEAN, RSTD,
     for c in range(0, n_chunks):
         cols = c * CHUNK + offs
         m = cols < h
-        s = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_RES:
-            s = s * alpha + tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+        s = residual_sum(X, R, row * stride_x + cols, row * stride_r + cols, m, alpha, HAS_RES)
         y = (s - mean) * rstd
         if HAS_W:
             y = y * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
@@ -292,9 +293,7 @@ def _dx_chunk(DY, X, R, W, row, cols, m, stride_dy, stride_x, stride_r, alpha,
     wdy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
     if HAS_W:
         wdy = wdy * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-    s = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-    if HAS_RES:
-        s = s * alpha + tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+    s = residual_sum(X, R, row * stride_x + cols, row * stride_r + cols, m, alpha, HAS_RES)
     return wdy, s
 
 
@@ -336,7 +335,7 @@ def _ln_bwd_dx_kernel(DY, DS, X, R, W, MEAN, RSTD, DX, DR,
             tl.store(DX + row * h + cols, downcast((g * alpha), DX.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_ROWS)
 def _ln_bwd_dwdb_kernel(DY, X, R, MEAN, RSTD, DW_PART, DB_PART,
                         n_rows, h, stride_dy, stride_x, stride_r, rows_per_prog, alpha,
                         HAS_RES: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -356,19 +355,16 @@ def _ln_bwd_dwdb_kernel(DY, X, R, MEAN, RSTD, DW_PART, DB_PART,
         row64 = row.to(tl.int64)
         dy = tl.load(DY + row64 * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
         if COMPUTE_DW:
-            s = tl.load(X + row64 * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-            if HAS_RES:
-                r = tl.load(R + row64 * stride_r + cols, mask=m, other=0.0).to(tl.float32)
-                s = s * alpha + r
+            s = residual_sum(X, R, row64 * stride_x + cols, row64 * stride_r + cols, m, alpha, HAS_RES)
             mean = tl.load(MEAN + row, mask=valid, other=0.0)
             rstd = tl.load(RSTD + row, mask=valid, other=0.0)
             dw += dy * tl.where(m, (s - mean) * rstd, 0.0)
         if COMPUTE_DB:
             db += dy
     if COMPUTE_DW:
-        tl.store(DW_PART + pid_r * h + cols, dw, mask=cmask)
+        tl.store(DW_PART + pid_r.to(tl.int64) * h + cols, dw, mask=cmask)
     if COMPUTE_DB:
-        tl.store(DB_PART + pid_r * h + cols, db, mask=cmask)
+        tl.store(DB_PART + pid_r.to(tl.int64) * h + cols, db, mask=cmask)
 
 
 # ---------------------------------------------------------------- host side
@@ -390,16 +386,17 @@ class _LayerNormFn(torch.autograd.Function):
                 bias if bias is not None else x2, y, s if s is not None else y,
                 mean if mean is not None else y, rstd if rstd is not None else y)
         flags = dict(HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                     STORE_SUM=s is not None, STORE_STATS=needs_stats, 
+                     STORE_SUM=s is not None, STORE_STATS=needs_stats,
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        stride_r = r2.stride(0) if r2 is not None else 0
+        # an absent residual's stride mirrors x's, so it specialises alike (only HAS_RES tells them apart)
+        stride_r = row_stride(r2) if r2 is not None else row_stride(x2)
         if n > 0 and not cfg["chunked"]:
             rpp = rows_per_program(n)
-            _ln_fwd_kernel[(triton.cdiv(n, rpp),)](
-                *ptrs, n, h, x2.stride(0), stride_r, rpp, float(alpha), float(eps), BLOCK=cfg["BLOCK"], **flags)
+            launch(_ln_fwd_kernel, (triton.cdiv(n, rpp),),
+                   *ptrs, n, h, row_stride(x2), stride_r, rpp, float(alpha), float(eps), BLOCK=cfg["BLOCK"], **flags)
         elif n > 0:
-            _ln_fwd_chunked_kernel[(n,)](
-                *ptrs, h, x2.stride(0), stride_r, float(alpha), float(eps), CHUNK=cfg["CHUNK"], **flags)
+            launch(_ln_fwd_chunked_kernel, (n,),
+                   *ptrs, h, row_stride(x2), stride_r, float(alpha), float(eps), CHUNK=cfg["CHUNK"], **flags)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x2, r2, weight, bias, mean, rstd)
         ctx.alpha, ctx.shape = float(alpha), shape
@@ -431,25 +428,25 @@ class _LayerNormFn(torch.autograd.Function):
         x_ptrs = (dy2, ds2 if ds2 is not None else dummy, x2, r2 if r2 is not None else dummy,
                   weight if weight is not None else dummy, mean, rstd,
                   dx if dx is not None else dummy, dr if dr is not None else dummy)
-        strides = (dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, x2.stride(0),
-                   r2.stride(0) if r2 is not None else 0)
+        strides = (row_stride(dy2), row_stride(ds2) if ds2 is not None else row_stride(dy2), row_stride(x2),
+                   row_stride(r2) if r2 is not None else row_stride(x2))
         flags = dict(HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_DSUM=ds2 is not None,
-                     STORE_DX=dx is not None, STORE_DR=dr is not None, 
+                     STORE_DX=dx is not None, STORE_DR=dr is not None,
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         parts = (dw_part if dw_part is not None else mean, db_part if db_part is not None else mean)
         if n > 0 and not cfg["chunked"]:
-            _ln_bwd_kernel[(n_prog,)](*x_ptrs, *parts, n, h, *strides, rpp, alpha,
-                                      COMPUTE_DW=need_w, COMPUTE_DB=need_b, BLOCK=cfg["BLOCK"], **flags)
+            launch(_ln_bwd_kernel, (n_prog,), *x_ptrs, *parts, n, h, *strides, rpp, alpha,
+                   COMPUTE_DW=need_w, COMPUTE_DB=need_b, BLOCK=cfg["BLOCK"], **flags)
         elif n > 0:
             if dx is not None or dr is not None:
-                _ln_bwd_dx_kernel[(n,)](*x_ptrs, h, *strides, alpha, CHUNK=cfg["CHUNK"], **flags)
+                launch(_ln_bwd_dx_kernel, (n,), *x_ptrs, h, *strides, alpha, CHUNK=cfg["CHUNK"], **flags)
             if need_w or need_b:
                 dcfg = dwdb_config()
-                _ln_bwd_dwdb_kernel[(n_prog, triton.cdiv(h, dcfg["BLOCK"]))](
-                    dy2, x2, r2 if r2 is not None else dummy, mean, rstd, *parts,
-                    n, h, strides[0], strides[2], strides[3], rpp, alpha,
-                    HAS_RES=r2 is not None, COMPUTE_DW=need_w, COMPUTE_DB=need_b, BLOCK=dcfg["BLOCK"],
-                    num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
+                launch(_ln_bwd_dwdb_kernel, (n_prog, triton.cdiv(h, dcfg["BLOCK"])),
+                       dy2, x2, r2 if r2 is not None else dummy, mean, rstd, *parts,
+                       n, h, strides[0], strides[2], strides[3], rpp, alpha,
+                       HAS_RES=r2 is not None, COMPUTE_DW=need_w, COMPUTE_DB=need_b, BLOCK=dcfg["BLOCK"],
+                       num_warps=dcfg["num_warps"], num_stages=dcfg["num_stages"])
         dweight = dw_part.sum(0).to(weight.dtype) if need_w else None
         dbias = db_part.sum(0).to(bias.dtype) if need_b else None
         dx = dx.view(ctx.shape) if dx is not None else None
@@ -457,7 +454,16 @@ class _LayerNormFn(torch.autograd.Function):
         return dx, dr, None, dweight, dbias, None, None, None
 
 
-@register("layernorm", "triton")
+def _supports(x, residual, alpha, weight, bias, eps, return_sum=False):
+    """None if the Triton LayerNorm takes this call, else why not."""
+    if x.dtype not in TL_TYPE:
+        return f"layernorm: unsupported dtype {x.dtype}; expected fp32, fp16 or bf16"
+    if not 1 <= x.shape[-1] <= MAX_H:
+        return f"layernorm: hidden size h={x.shape[-1]} is not supported by the triton kernels (1 <= h <= {MAX_H})"
+    return None
+
+
+@register("layernorm", "triton", supports=_supports)
 def _layernorm_triton(x, residual, alpha, weight, bias, eps, return_sum=False):
     """`LayerNorm(x * alpha + residual)` (plain `LayerNorm(x)` when residual is None) on the Triton kernels.
 
@@ -475,6 +481,7 @@ def _layernorm_triton(x, residual, alpha, weight, bias, eps, return_sum=False):
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (h,):
             raise ValueError(f"layernorm: {name} has shape {tuple(p.shape)}, expected ({h},)")
+    weight, bias = aligned(weight), aligned(bias)
     tensors = [t for t in (x, residual, weight, bias) if t is not None]
     needs_stats = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     sum_out = return_sum and residual is not None
@@ -487,83 +494,34 @@ def _layernorm_triton(x, residual, alpha, weight, bias, eps, return_sum=False):
 # ---------------------------------------------------------------- ahead-of-time compilation
 
 
-def _fwd_signature(t: str) -> dict:
-    return {"X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "B": f"*{t}", "Y": f"*{t}", "S": f"*{t}",
-            "MEAN": "*fp32", "RSTD": "*fp32", "n_rows": "i32", "h": "i32", "stride_x": "i32",
-            "stride_r": "i32", "rows_per_prog": "i32", "alpha": "fp32", "eps": "fp32",
-            "HAS_RES": "constexpr", "HAS_W": "constexpr", "HAS_B": "constexpr", "STORE_SUM": "constexpr",
-            "STORE_STATS": "constexpr", "BLOCK": "constexpr"}
+def _widths(block: int) -> list[int]:
+    """Row widths reaching the BLOCK `block`: 16-divisible and not (both specialisations occur), within (block/2, block]."""
+    widths = (block, block - 1, block // 2 + 1, 1, 2) if block == MIN_BLOCK else (block, block - 1, block // 2 + 1)
+    return sorted({w for w in widths if max(MIN_BLOCK, triton.next_power_of_2(w)) == block})
 
 
-def _bwd_signature(t: str) -> dict:
-    return {"DY": f"*{t}", "DS": f"*{t}", "X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "MEAN": "*fp32",
-            "RSTD": "*fp32", "DX": f"*{t}", "DR": f"*{t}", "DW_PART": "*fp32", "DB_PART": "*fp32",
-            "n_rows": "i32", "h": "i32", "stride_dy": "i32", "stride_ds": "i32", "stride_x": "i32",
-            "stride_r": "i32", "rows_per_prog": "i32", "alpha": "fp32",
-            "HAS_RES": "constexpr", "HAS_W": "constexpr", "HAS_DSUM": "constexpr", "STORE_DX": "constexpr",
-            "STORE_DR": "constexpr", "COMPUTE_DW": "constexpr", "COMPUTE_DB": "constexpr",
-            "BLOCK": "constexpr"}
+def compile_specs(target: DeviceInfo | None = None) -> list[CompileSpec]:
+    """Every configuration `ln_config` (both directions) and `dwdb_config` can return (the same on every GPU), for
+    fp16, bf16 and fp32, recorded from the launchers on meta tensors at widths of every BLOCK = 2**k
+    (1 <= h <= MAX_H), 16-divisible and not.
 
-
-def _fwd_chunked_signature(t: str) -> dict:
-    sig = _fwd_signature(t)
-    for k in ("n_rows", "rows_per_prog", "BLOCK"):
-        del sig[k]
-    return {**sig, "CHUNK": "constexpr"}
-
-
-def _bwd_dx_signature(t: str) -> dict:
-    return {"DY": f"*{t}", "DS": f"*{t}", "X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "MEAN": "*fp32",
-            "RSTD": "*fp32", "DX": f"*{t}", "DR": f"*{t}", "h": "i32", "stride_dy": "i32", "stride_ds": "i32",
-            "stride_x": "i32", "stride_r": "i32", "alpha": "fp32",
-            "HAS_RES": "constexpr", "HAS_W": "constexpr", "HAS_DSUM": "constexpr", "STORE_DX": "constexpr",
-            "STORE_DR": "constexpr", "CHUNK": "constexpr"}
-
-
-def _bwd_dwdb_signature(t: str) -> dict:
-    return {"DY": f"*{t}", "X": f"*{t}", "R": f"*{t}", "MEAN": "*fp32", "RSTD": "*fp32", "DW_PART": "*fp32",
-            "DB_PART": "*fp32", "n_rows": "i32", "h": "i32", "stride_dy": "i32", "stride_x": "i32",
-            "stride_r": "i32", "rows_per_prog": "i32", "alpha": "fp32",
-            "HAS_RES": "constexpr", "COMPUTE_DW": "constexpr", "COMPUTE_DB": "constexpr", "BLOCK": "constexpr"}
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every configuration `ln_config` (both directions) and `dwdb_config` can return, for fp16 and bf16.
-
-    One entry per BLOCK = 2**k (1 <= h <= MAX_H) and direction, for the kernel that BLOCK runs (whole-row
-    kernels, or the chunked ones plus the dweight/dbias column kernel), each compiled with every feature
-    flag on (residual, weight, bias, sum and stats stores; all four gradients and the sum gradient): the
-    variant with the most live registers, the flags only remove code.
+    Each is recorded with every feature flag on (residual, weight, bias, sum and stats stores; all four
+    gradients and the sum gradient): the variant with the most live registers, the flags only remove code.
     """
-    fwd_flags = dict(HAS_RES=True, HAS_W=True, HAS_B=True, STORE_SUM=True, STORE_STATS=True)
-    bwd_flags = dict(HAS_RES=True, HAS_W=True, HAS_DSUM=True, STORE_DX=True, STORE_DR=True)
-    specs, seen = [], set()
+    with assume_device(target or TARGETS[80]), record_launches() as launches:
+        for dtype in DTYPES:
+            for k in range(int(math.log2(MIN_BLOCK)), int(math.log2(MAX_H)) + 1):
+                for h in _widths(2 ** k):
+                    x, r = (meta(3, 5, h, dtype=dtype).requires_grad_() for _ in range(2))
+                    w, b = (meta(h, dtype=dtype).requires_grad_() for _ in range(2))
+                    y, s = _layernorm_triton(x, r, 7.5, w, b, 1e-5, return_sum=True)
+                    torch.autograd.backward((y, s), (meta(*y.shape, dtype=dtype), meta(*s.shape, dtype=dtype)))
 
-    def add(kernel, sig, constexprs, cfg, label):
-        key = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, label)
-        if key not in seen:
-            seen.add(key)
-            specs.append(CompileSpec(kernel, sig, constexprs, cfg["num_warps"], cfg["num_stages"], label))
+    def label(ln, consts):
+        block = consts.get("BLOCK", consts.get("CHUNK"))
+        name = ln.kernel.__name__ if hasattr(ln.kernel, "__name__") else ln.kernel.fn.__name__
+        kind = "CHUNK" if "CHUNK" in consts else "BLOCK"
+        wide = f"BLOCK>{WHOLE_ROW_MAX['bwd' if 'bwd' in name else 'fwd']} " if kind == "CHUNK" else ""
+        return f"{TL_TYPE[tensor_dtype(ln)]} {wide}{kind}={block} warps={ln.kwargs['num_warps']}"
 
-    for dtype in (torch.float16, torch.bfloat16):
-        t = TL_TYPE[dtype]
-        for k in range(int(math.log2(MAX_H)) + 1):
-            fcfg, bcfg = ln_config(2 ** k, "fwd"), ln_config(2 ** k, "bwd")
-            if not fcfg["chunked"]:
-                add(_ln_fwd_kernel, _fwd_signature(t), dict(fwd_flags, BLOCK=fcfg["BLOCK"]), fcfg,
-                    f"{t} BLOCK={fcfg['BLOCK']} warps={fcfg['num_warps']}")
-            else:
-                add(_ln_fwd_chunked_kernel, _fwd_chunked_signature(t), dict(fwd_flags, CHUNK=fcfg["CHUNK"]), fcfg,
-                    f"{t} BLOCK>{WHOLE_ROW_MAX['fwd']} CHUNK={fcfg['CHUNK']} warps={fcfg['num_warps']}")
-            if not bcfg["chunked"]:
-                add(_ln_bwd_kernel, _bwd_signature(t),
-                    dict(bwd_flags, COMPUTE_DW=True, COMPUTE_DB=True, BLOCK=bcfg["BLOCK"]), bcfg,
-                    f"{t} BLOCK={bcfg['BLOCK']} warps={bcfg['num_warps']}")
-            else:
-                add(_ln_bwd_dx_kernel, _bwd_dx_signature(t), dict(bwd_flags, CHUNK=bcfg["CHUNK"]), bcfg,
-                    f"{t} BLOCK>{WHOLE_ROW_MAX['bwd']} CHUNK={bcfg['CHUNK']} warps={bcfg['num_warps']}")
-                dcfg = dwdb_config()
-                add(_ln_bwd_dwdb_kernel, _bwd_dwdb_signature(t),
-                    dict(HAS_RES=True, COMPUTE_DW=True, COMPUTE_DB=True, BLOCK=dcfg["BLOCK"]), dcfg,
-                    f"{t} BLOCK={dcfg['BLOCK']} warps={dcfg['num_warps']}")
-    return specs
+    return specs_from_launches(launches, label, lambda ln: {"dtype": tensor_dtype(ln)})

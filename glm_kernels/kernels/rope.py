@@ -81,7 +81,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..backend import register
-from .common import TL_TYPE, CompileSpec, check_device, downcast
+from ..backend import TARGETS, DeviceInfo, assume_device
+from .common import (DTYPES, TL_TYPE, CompileSpec, aligned, check_device, downcast, launch, meta, record_launches,
+                     specs_from_launches, strides, tensor_dtype)
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 TILE_ELEMENTS = 2048  # elements of one tensor (q, k or v) a program handles: BLOCK_H * hd
@@ -114,15 +116,22 @@ def _table_rows(COS, SIN, pos, cols, mask, QUARTER: tl.constexpr, INVERSE: tl.co
     return c_lo, c_hi, s_lo, s_hi
 
 
-@triton.jit
+# Never specialised: the batch, the heads and the table length change from model to model, the position ids'
+# strides with the sequence length, and the presence flags between forward and backward (each loads or stores
+# a scalar or masks a tile: one compiled kernel serves every call).
+_NOT_SPECIALISED = ["batch", "num_heads", "n_pos", "POS", "stride_pb", "stride_pr", "stride_ps",
+                    "has_q", "has_k", "has_v"]
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _rope_qkv_kernel(
     XQ, XK, XV,  # inputs, each [s, b, nh, hd] (forward: views of mixed; backward: dq, dk, dv)
     YQ, YK, YV,  # outputs, each [s, b, nh, hd] (forward: q, k, v; backward: views of dmixed)
     POS, COS, SIN,  # position ids [b, 2, s] int64; tables [n, hd/2] contiguous
     batch, num_heads, n_pos,
-    sxq_s, sxq_b, sxq_h, sxk_s, sxk_b, sxk_h, sxv_s, sxv_b, sxv_h,
-    syq_s, syq_b, syq_h, syk_s, syk_b, syk_h, syv_s, syv_b, syv_h,
-    sp_b, sp_r, sp_s,
+    stride_xqs, stride_xqb, stride_xqh, stride_xks, stride_xkb, stride_xkh, stride_xvs, stride_xvb, stride_xvh,
+    stride_yqs, stride_yqb, stride_yqh, stride_yks, stride_ykb, stride_ykh, stride_yvs, stride_yvb, stride_yvh,
+    stride_pb, stride_pr, stride_ps,
     has_q, has_k, has_v,  # 1 or 0; 0: that input is absent (zero): not loaded, zeros stored
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, INVERSE: tl.constexpr,
 ):
@@ -133,7 +142,7 @@ def _rope_qkv_kernel(
     s_idx = (tok // batch).to(tl.int64)
     b_idx = (tok % batch).to(tl.int64)
 
-    heads = grp * BLOCK_H + tl.arange(0, BLOCK_H)
+    heads = grp * BLOCK_H + tl.arange(0, BLOCK_H)  # heads * stride < nh * 3 * hd: int32 is enough
     hmask = heads < num_heads
     cols = tl.arange(0, QUARTER)
     dcols = tl.arange(0, HEAD_DIM)
@@ -141,9 +150,9 @@ def _rope_qkv_kernel(
     rotate = has_q | has_k  # 0 or 1
 
     # Position and block position of this token, then the four table rows they select.
-    p_ptr = POS + b_idx * sp_b + s_idx * sp_s
+    p_ptr = POS + b_idx * stride_pb + s_idx * stride_ps
     pos = tl.load(p_ptr, mask=rotate != 0, other=0)
-    blk = tl.load(p_ptr + sp_r, mask=rotate != 0, other=0)
+    blk = tl.load(p_ptr + stride_pr, mask=rotate != 0, other=0)
     tl.device_assert((pos >= 0) & (pos < n_pos) & (blk >= 0) & (blk < n_pos),
                      "position id outside the rotary table")
     tmask = cols < rotate * QUARTER
@@ -152,27 +161,27 @@ def _rope_qkv_kernel(
 
     full = hmask[:, None] & (cols[None, :] < QUARTER)
     # q: first half by the position, second half by the block position.
-    xq = s_idx * sxq_s + b_idx * sxq_b
-    yq = s_idx * syq_s + b_idx * syq_b
-    xq_cols = heads[:, None] * sxq_h + cols[None, :]
-    yq_cols = heads[:, None] * syq_h + cols[None, :]
+    xq = s_idx * stride_xqs + b_idx * stride_xqb
+    yq = s_idx * stride_yqs + b_idx * stride_yqb
+    xq_cols = heads[:, None] * stride_xqh + cols[None, :]
+    yq_cols = heads[:, None] * stride_yqh + cols[None, :]
     lq = full & (cols[None, :] < has_q * QUARTER)
     _rotate_half_tile(XQ, YQ, xq, yq, xq_cols, yq_cols, lq, full, pc_lo, pc_hi, ps_lo, ps_hi, QUARTER)
     _rotate_half_tile(XQ, YQ, xq + 2 * QUARTER, yq + 2 * QUARTER, xq_cols, yq_cols, lq, full,
                       bc_lo, bc_hi, bs_lo, bs_hi, QUARTER)
     # k: the same rotation.
-    xk = s_idx * sxk_s + b_idx * sxk_b
-    yk = s_idx * syk_s + b_idx * syk_b
-    xk_cols = heads[:, None] * sxk_h + cols[None, :]
-    yk_cols = heads[:, None] * syk_h + cols[None, :]
+    xk = s_idx * stride_xks + b_idx * stride_xkb
+    yk = s_idx * stride_yks + b_idx * stride_ykb
+    xk_cols = heads[:, None] * stride_xkh + cols[None, :]
+    yk_cols = heads[:, None] * stride_ykh + cols[None, :]
     lk = full & (cols[None, :] < has_k * QUARTER)
     _rotate_half_tile(XK, YK, xk, yk, xk_cols, yk_cols, lk, full, pc_lo, pc_hi, ps_lo, ps_hi, QUARTER)
     _rotate_half_tile(XK, YK, xk + 2 * QUARTER, yk + 2 * QUARTER, xk_cols, yk_cols, lk, full,
                       bc_lo, bc_hi, bs_lo, bs_hi, QUARTER)
     # v: copied.
     vfull = hmask[:, None] & (dcols[None, :] < HEAD_DIM)
-    xv = XV + s_idx * sxv_s + b_idx * sxv_b + heads[:, None] * sxv_h + dcols[None, :]
-    yv = YV + s_idx * syv_s + b_idx * syv_b + heads[:, None] * syv_h + dcols[None, :]
+    xv = XV + s_idx * stride_xvs + b_idx * stride_xvb + heads[:, None] * stride_xvh + dcols[None, :]
+    yv = YV + s_idx * stride_yvs + b_idx * stride_yvb + heads[:, None] * stride_yvh + dcols[None, :]
     v = tl.load(xv, mask=vfull & (dcols[None, :] < has_v * HEAD_DIM), other=0.0)
     tl.store(yv, v.to(YV.dtype.element_ty), mask=vfull)
 
@@ -189,12 +198,9 @@ def _check_head_dim(hd: int) -> None:
                          f"got hd={hd}")
 
 
-def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """Unit last stride, 16-byte aligned start (the kernel's one specialisation; the model's tensors have it)."""
+    return aligned(t if t.stride(-1) == 1 else t.contiguous())
 
 
 def _launch(xs, ys, has, position_ids, cos, sin, inverse: bool) -> None:
@@ -204,15 +210,15 @@ def _launch(xs, ys, has, position_ids, cos, sin, inverse: bool) -> None:
         return
     cfg = launch_config(hd)
     grid = (s * b, triton.cdiv(nh, cfg["BLOCK_H"]))
-    _rope_qkv_kernel[grid](
+    launch(
+        _rope_qkv_kernel, grid,
         xs[0], xs[1], xs[2], ys[0], ys[1], ys[2],
         position_ids, cos, sin,
         b, nh, cos.shape[0],
-        *_strides3(xs[0]), *_strides3(xs[1]), *_strides3(xs[2]),
-        *_strides3(ys[0]), *_strides3(ys[1]), *_strides3(ys[2]),
+        *(st for t in (*xs, *ys) for st in strides(t)),
         position_ids.stride(0), position_ids.stride(1), position_ids.stride(2),
         int(has[0]), int(has[1]), int(has[2]),
-        HEAD_DIM=hd, BLOCK_H=cfg["BLOCK_H"], INVERSE=inverse, num_warps=cfg["num_warps"],
+        HEAD_DIM=hd, BLOCK_H=cfg["BLOCK_H"], INVERSE=inverse, num_warps=cfg["num_warps"], num_stages=1,
     )
 
 
@@ -265,7 +271,19 @@ class RopeQKV(torch.autograd.Function):
         return dmixed, None, None, None, None
 
 
-@register("rope", "triton")
+def _supports(mixed, position_ids, cos, sin, num_heads, k_out=None, v_out=None):
+    """None if the Triton rope kernel takes this call, else why not."""
+    if mixed.dtype not in TL_TYPE:
+        return f"the triton rope kernel supports {', '.join(TL_TYPE.values())}, got {mixed.dtype}"
+    if mixed.dim() != 3 or mixed.shape[-1] % (3 * num_heads):
+        return f"mixed must be [s, b, 3 * {num_heads} * hd], got shape {tuple(mixed.shape)}"
+    hd = mixed.shape[-1] // (3 * num_heads)
+    if hd not in HEAD_DIMS:
+        return f"the triton rope kernel supports head dims {HEAD_DIMS} (powers of two from 16 to 256), got hd={hd}"
+    return None
+
+
+@register("rope", "triton", supports=_supports)
 def _rope_qkv_triton(mixed, position_ids, cos, sin, num_heads, k_out, v_out):
     """Triton `rope_qkv`: one launch reads `mixed` once and writes q, k, v (k, v into `k_out`, `v_out` if given).
 
@@ -315,34 +333,21 @@ def _rope_qkv_triton(mixed, position_ids, cos, sin, num_heads, k_out, v_out):
     return _forward(mixed, position_ids, cos, sin, num_heads, None, None)
 
 
-def _signature(tl_dtype: str) -> dict:
-    ptr = f"*{tl_dtype}"
-    sig = {name: ptr for name in ("XQ", "XK", "XV", "YQ", "YK", "YV")}
-    sig.update(POS="*i64", COS=ptr, SIN=ptr)
-    for name in ("batch", "num_heads", "n_pos"):
-        sig[name] = "i32"
-    for t in ("xq", "xk", "xv", "yq", "yk", "yv"):
-        for d in ("s", "b", "h"):
-            sig[f"s{t}_{d}"] = "i32"
-    for name in ("sp_b", "sp_r", "sp_s", "has_q", "has_k", "has_v"):
-        sig[name] = "i32"
-    sig.update(HEAD_DIM="constexpr", BLOCK_H="constexpr", INVERSE="constexpr")
-    return sig
+def compile_specs(target: DeviceInfo | None = None) -> list[CompileSpec]:
+    """Every launch configuration `launch_config` can return (the same on every GPU), forward and backward, fp16,
+    bf16 and fp32: the launchers run on meta tensors and their launches are recorded."""
+    s, b = 8, 2
+    with assume_device(target or TARGETS[80]), record_launches() as launches:
+        for dtype in DTYPES:
+            for hd in HEAD_DIMS:
+                nh = 2 * launch_config(hd)["BLOCK_H"]
+                mixed = meta(s, b, 3 * nh * hd, dtype=dtype).requires_grad_()
+                cos, sin = meta(64, hd // 2, dtype=dtype), meta(64, hd // 2, dtype=dtype)
+                q, k, v = _rope_qkv_triton(mixed, meta(b, 2, s, dtype=torch.long), cos, sin, nh, None, None)
+                torch.autograd.backward((q, k, v), (torch.ones_like(q), torch.ones_like(k), torch.ones_like(v)))
 
+    def label(ln, consts):
+        return (f"{TL_TYPE[tensor_dtype(ln)]} hd={consts['HEAD_DIM']} BLOCK_H={consts['BLOCK_H']} "
+                f"warps={ln.kwargs['num_warps']} {'bwd' if consts['INVERSE'] else 'fwd'}")
 
-def compile_specs() -> list[CompileSpec]:
-    """Every launch configuration `launch_config` can return, forward and backward, for fp16 and bf16."""
-    specs = []
-    for dtype in (torch.float16, torch.bfloat16):
-        for hd in HEAD_DIMS:
-            cfg = launch_config(hd, dtype)
-            for inverse in (False, True):
-                specs.append(CompileSpec(
-                    kernel=_rope_qkv_kernel,
-                    signature=_signature(TL_TYPE[dtype]),
-                    constexprs={"HEAD_DIM": hd, "BLOCK_H": cfg["BLOCK_H"], "INVERSE": inverse},
-                    num_warps=cfg["num_warps"],
-                    label=f"{TL_TYPE[dtype]} hd={hd} BLOCK_H={cfg['BLOCK_H']} warps={cfg['num_warps']} "
-                          f"{'bwd' if inverse else 'fwd'}",
-                ))
-    return specs
+    return specs_from_launches(launches, label, lambda ln: {"dtype": tensor_dtype(ln)})

@@ -73,7 +73,9 @@ import triton
 import triton.language as tl
 
 from ..backend import register
-from .common import TL_TYPE, CompileSpec, check_device, downcast
+from ..backend import TARGETS, DeviceInfo, assume_device
+from .common import (DTYPES, TL_TYPE, CompileSpec, check_device, downcast, launch, meta, record_launches,
+                     specs_from_launches, tensor_dtype)
 
 MASK_FILL = -10000.0
 # Rows with next_pow2(sk) above this take the chunked (two-pass) path. Tests lower it (monkeypatch) to
@@ -93,12 +95,12 @@ _FILL = {dt: float(torch.tensor(MASK_FILL, dtype=dt).float()) for dt in (torch.f
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 @triton.jit
-def _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK: tl.constexpr):
+def _filled_scores(S, M, s_base, m_base, cols, ok, stride_sk, stride_mk, fill, HAS_MASK: tl.constexpr):
     """(scores in fp32 with masked entries set to `fill`, mask) of one chunk of a row (mask False without one)."""
-    x = tl.load(S + s_base + cols.to(tl.int64) * ss_k, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(S + s_base + cols.to(tl.int64) * stride_sk, mask=ok, other=0.0).to(tl.float32)
     masked = cols < 0
     if HAS_MASK:
-        masked = tl.load(M + m_base + cols.to(tl.int64) * ms_k, mask=ok, other=0) != 0
+        masked = tl.load(M + m_base + cols.to(tl.int64) * stride_mk, mask=ok, other=0) != 0
         x = tl.where(masked, fill, x)
     return x, masked
 
@@ -113,9 +115,16 @@ def _row_base(rows, SQ, NH, st_b, st_h, st_q):
     return b.to(tl.int64) * st_b + h.to(tl.int64) * st_h + q.to(tl.int64) * st_q
 
 
-@triton.jit
+# Never specialised: row counts and the layout of scores, gradient and mask (their rows are addressed through
+# `_row_base`, so alignment facts would buy nothing), and the row length SK (it changes with every decoding
+# step that returns the probabilities).
+_NOT_SPECIALISED = ["R", "SQ", "NH", "SK", "S", "M", "DP", "stride_sb", "stride_sh", "stride_sq", "stride_gb",
+                    "stride_gh", "stride_gq", "stride_mb", "stride_mh", "stride_mq"]
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _softmax_fwd_kernel(S, M, P, scale, fill, R, SQ, NH, SK,
-                        ss_b, ss_h, ss_q, ss_k, ms_b, ms_h, ms_q, ms_k,
+                        stride_sb, stride_sh, stride_sq, stride_sk, stride_mb, stride_mh, stride_mq, stride_mk,
                         HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """P[r, :] = softmax(where(M[r, :], fill, S[r, :]).float() * scale) for BLOCK_R rows, whole rows in registers.
 
@@ -128,10 +137,10 @@ def _softmax_fwd_kernel(S, M, P, scale, fill, R, SQ, NH, SK,
     col_ok = cols < SK
     ok = row_ok[:, None] & col_ok[None, :]
     cols64 = cols.to(tl.int64)
-    s_off = _row_base(rows, SQ, NH, ss_b, ss_h, ss_q)[:, None] + cols64[None, :] * ss_k
+    s_off = _row_base(rows, SQ, NH, stride_sb, stride_sh, stride_sq)[:, None] + cols64[None, :] * stride_sk
     x = tl.load(S + s_off, mask=ok, other=0.0).to(tl.float32)
     if HAS_MASK:
-        m_off = _row_base(rows, SQ, NH, ms_b, ms_h, ms_q)[:, None] + cols64[None, :] * ms_k
+        m_off = _row_base(rows, SQ, NH, stride_mb, stride_mh, stride_mq)[:, None] + cols64[None, :] * stride_mk
         masked = tl.load(M + m_off, mask=ok, other=0) != 0
         x = tl.where(masked, fill, x)
     # Padding columns are -inf so they add nothing; rows past R read zeros (finite max, never stored).
@@ -144,9 +153,9 @@ def _softmax_fwd_kernel(S, M, P, scale, fill, R, SQ, NH, SK,
     tl.store(P + p_off, downcast(p, P.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _softmax_fwd_chunked_kernel(S, M, P, scale, fill, R, SQ, NH, SK,
-                                ss_b, ss_h, ss_q, ss_k, ms_b, ms_h, ms_q, ms_k,
+                                stride_sb, stride_sh, stride_sq, stride_sk, stride_mb, stride_mh, stride_mq, stride_mk,
                                 HAS_MASK: tl.constexpr, CHUNK: tl.constexpr):
     """Same as `_softmax_fwd_kernel` for one long row per program, in CHUNK-wide pieces.
 
@@ -154,8 +163,8 @@ def _softmax_fwd_chunked_kernel(S, M, P, scale, fill, R, SQ, NH, SK,
     again and writes exp(y - m) / s. Reads 2*SK elements of S (+ 2*SK mask bytes), writes SK elements of P.
     """
     row = tl.program_id(0)
-    s_base = _row_base(row, SQ, NH, ss_b, ss_h, ss_q)
-    m_base = _row_base(row, SQ, NH, ms_b, ms_h, ms_q)
+    s_base = _row_base(row, SQ, NH, stride_sb, stride_sh, stride_sq)
+    m_base = _row_base(row, SQ, NH, stride_mb, stride_mh, stride_mq)
     p_base = row.to(tl.int64) * SK
     offs = tl.arange(0, CHUNK)
     run_max = tl.full((), float("-inf"), tl.float32)
@@ -163,7 +172,7 @@ def _softmax_fwd_chunked_kernel(S, M, P, scale, fill, R, SQ, NH, SK,
     for start in range(0, SK, CHUNK):
         cols = start + offs
         ok = cols < SK
-        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK)
+        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, stride_sk, stride_mk, fill, HAS_MASK)
         y = tl.where(ok, x * scale, float("-inf"))
         # Every chunk has at least one column < SK, so new_max is finite; exp(-inf - finite) = 0 at start.
         new_max = tl.maximum(run_max, tl.max(y, axis=0))
@@ -172,14 +181,15 @@ def _softmax_fwd_chunked_kernel(S, M, P, scale, fill, R, SQ, NH, SK,
     for start in range(0, SK, CHUNK):
         cols = start + offs
         ok = cols < SK
-        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK)
+        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, stride_sk, stride_mk, fill, HAS_MASK)
         p = tl.exp(tl.where(ok, x * scale, float("-inf")) - run_max) / run_sum  # no exp overflow past SK
         tl.store(P + p_base + cols, downcast(p, P.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _softmax_bwd_kernel(S, M, DP, DS, scale, fill, R, SQ, NH, SK,
-                        ss_b, ss_h, ss_q, ss_k, gs_b, gs_h, gs_q, gs_k, ms_b, ms_h, ms_q, ms_k,
+                        stride_sb, stride_sh, stride_sq, stride_sk, stride_gb, stride_gh, stride_gq, stride_gk,
+                        stride_mb, stride_mh, stride_mq, stride_mk,
                         HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
     """DS[r, :] = where(M[r, :], 0, p * (DP - sum(p * DP)) * scale) for BLOCK_R rows, all in fp32.
 
@@ -193,11 +203,11 @@ def _softmax_bwd_kernel(S, M, DP, DS, scale, fill, R, SQ, NH, SK,
     col_ok = cols < SK
     ok = (rows < R)[:, None] & col_ok[None, :]
     cols64 = cols.to(tl.int64)
-    s_off = _row_base(rows, SQ, NH, ss_b, ss_h, ss_q)[:, None] + cols64[None, :] * ss_k
-    g_off = _row_base(rows, SQ, NH, gs_b, gs_h, gs_q)[:, None] + cols64[None, :] * gs_k
+    s_off = _row_base(rows, SQ, NH, stride_sb, stride_sh, stride_sq)[:, None] + cols64[None, :] * stride_sk
+    g_off = _row_base(rows, SQ, NH, stride_gb, stride_gh, stride_gq)[:, None] + cols64[None, :] * stride_gk
     x = tl.load(S + s_off, mask=ok, other=0.0).to(tl.float32)
     if HAS_MASK:
-        m_off = _row_base(rows, SQ, NH, ms_b, ms_h, ms_q)[:, None] + cols64[None, :] * ms_k
+        m_off = _row_base(rows, SQ, NH, stride_mb, stride_mh, stride_mq)[:, None] + cols64[None, :] * stride_mk
         masked = tl.load(M + m_off, mask=ok, other=0) != 0
         x = tl.where(masked, fill, x)
     dp = tl.load(DP + g_off, mask=ok, other=0.0).to(tl.float32)
@@ -213,9 +223,10 @@ def _softmax_bwd_kernel(S, M, DP, DS, scale, fill, R, SQ, NH, SK,
     tl.store(DS + c_off, downcast(ds, DS.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _softmax_bwd_chunked_kernel(S, M, DP, DS, scale, fill, R, SQ, NH, SK,
-                                ss_b, ss_h, ss_q, ss_k, gs_b, gs_h, gs_q, gs_k, ms_b, ms_h, ms_q, ms_k,
+                                stride_sb, stride_sh, stride_sq, stride_sk, stride_gb, stride_gh, stride_gq, stride_gk,
+                        stride_mb, stride_mh, stride_mq, stride_mk,
                                 HAS_MASK: tl.constexpr, CHUNK: tl.constexpr):
     """Same as `_softmax_bwd_kernel` for one long row per program, in CHUNK-wide pieces.
 
@@ -224,9 +235,9 @@ def _softmax_bwd_chunked_kernel(S, M, DP, DS, scale, fill, R, SQ, NH, SK,
     DP twice) + 2*SK mask bytes, writes SK elements.
     """
     row = tl.program_id(0)
-    s_base = _row_base(row, SQ, NH, ss_b, ss_h, ss_q)
-    g_base = _row_base(row, SQ, NH, gs_b, gs_h, gs_q)
-    m_base = _row_base(row, SQ, NH, ms_b, ms_h, ms_q)
+    s_base = _row_base(row, SQ, NH, stride_sb, stride_sh, stride_sq)
+    g_base = _row_base(row, SQ, NH, stride_gb, stride_gh, stride_gq)
+    m_base = _row_base(row, SQ, NH, stride_mb, stride_mh, stride_mq)
     c_base = row.to(tl.int64) * SK
     offs = tl.arange(0, CHUNK)
     run_max = tl.full((), float("-inf"), tl.float32)
@@ -235,8 +246,8 @@ def _softmax_bwd_chunked_kernel(S, M, DP, DS, scale, fill, R, SQ, NH, SK,
     for start in range(0, SK, CHUNK):
         cols = start + offs
         ok = cols < SK
-        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK)
-        dp = tl.load(DP + g_base + cols.to(tl.int64) * gs_k, mask=ok, other=0.0).to(tl.float32)
+        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, stride_sk, stride_mk, fill, HAS_MASK)
+        dp = tl.load(DP + g_base + cols.to(tl.int64) * stride_gk, mask=ok, other=0.0).to(tl.float32)
         y = tl.where(ok, x * scale, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(y, axis=0))  # finite: every chunk has a column < SK
         alpha = tl.exp(run_max - new_max)
@@ -248,8 +259,8 @@ def _softmax_bwd_chunked_kernel(S, M, DP, DS, scale, fill, R, SQ, NH, SK,
     for start in range(0, SK, CHUNK):
         cols = start + offs
         ok = cols < SK
-        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, ss_k, ms_k, fill, HAS_MASK)
-        dp = tl.load(DP + g_base + cols.to(tl.int64) * gs_k, mask=ok, other=0.0).to(tl.float32)
+        x, masked = _filled_scores(S, M, s_base, m_base, cols, ok, stride_sk, stride_mk, fill, HAS_MASK)
+        dp = tl.load(DP + g_base + cols.to(tl.int64) * stride_gk, mask=ok, other=0.0).to(tl.float32)
         p = tl.exp(tl.where(ok, x * scale, float("-inf")) - run_max) / run_sum  # no exp overflow past SK
         ds = p * (dp - dot) * scale
         if HAS_MASK:
@@ -270,7 +281,9 @@ def launch_config(sk: int) -> dict:
     if block > MAX_FUSED_BLOCK:
         return {"chunked": True, "BLOCK": CHUNK, "BLOCK_R": 1, "num_warps": _warps(CHUNK)}
     rows = max(1, ROW_TILE // block)
-    return {"chunked": False, "BLOCK": block, "BLOCK_R": rows, "num_warps": _warps(rows * block)}
+    # the 16-wide tile (64 rows) runs 8 warps: with 4, ptxas spilled 8 bytes of the fp32 backward on sm_75
+    return {"chunked": False, "BLOCK": block, "BLOCK_R": rows,
+            "num_warps": 8 if block == MIN_BLOCK else _warps(rows * block)}
 
 
 def _warps(tile: int) -> int:
@@ -301,12 +314,31 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _unit_columns(t: torch.Tensor, sk: int) -> torch.Tensor:
+    """`t` with a unit last stride (the kernels are compiled for it: the contiguous scores the model makes)."""
+    if t.stride(-1) != 1:  # rows of one key: the same view with stride 1; else a copy with unit columns
+        t = t.as_strided(t.shape, (*t.stride()[:-1], 1)) if t.shape[-1] == 1 else \
+            t.expand(*t.shape[:-1], sk).contiguous()
+    return t
+
+
 def _mask_args(mask, shape4):
     """(mask tensor or None, its 4 strides broadcast to shape4)."""
     if mask is None:
         return None, (0, 0, 0, 0)
-    m = mask.expand(shape4)
+    m = _unit_columns(mask, shape4[-1]).expand(shape4)
     return m, tuple(m.stride())
+
+
+def _launch_rows(kernels, args, rows, has_mask, sk):
+    """One launch of the single-tile kernel or, for rows longer than MAX_FUSED_BLOCK, of the chunked one."""
+    cfg = launch_config(sk)
+    if cfg["chunked"]:
+        launch(kernels[1], (rows,), *args, HAS_MASK=has_mask, CHUNK=cfg["BLOCK"], num_warps=cfg["num_warps"],
+               num_stages=1)
+    else:
+        launch(kernels[0], (triton.cdiv(rows, cfg["BLOCK_R"]),), *args, HAS_MASK=has_mask, BLOCK_R=cfg["BLOCK_R"],
+               BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"], num_stages=1)
 
 
 class _ScaledMaskedSoftmax(torch.autograd.Function):
@@ -319,48 +351,45 @@ class _ScaledMaskedSoftmax(torch.autograd.Function):
         shape = scores.shape
         s4 = _as_4d(scores)
         b, nh, sq, sk = s4.shape
+        s4 = _unit_columns(s4, sk)
         m4, m_strides = _mask_args(None if mask is None else _as_4d(mask), s4.shape)
         out = torch.empty(shape, dtype=scores.dtype, device=scores.device)
-        out4 = out.view(s4.shape)
         rows = b * nh * sq
         if rows > 0 and sk > 0:
-            cfg = launch_config(sk)
-            args = (s4, m4, out4, float(scale), _FILL[scores.dtype], rows, sq, nh, sk, *s4.stride(), *m_strides)
-            if cfg["chunked"]:
-                _softmax_fwd_chunked_kernel[(rows,)](*args, HAS_MASK=m4 is not None, CHUNK=cfg["BLOCK"],
-                                                     num_warps=cfg["num_warps"])
-            else:
-                grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
-                _softmax_fwd_kernel[grid](*args, HAS_MASK=m4 is not None, BLOCK_R=cfg["BLOCK_R"],
-                                          BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
-        ctx.save_for_backward(scores, m4)
-        ctx.scale = float(scale)
+            args = (s4, m4, out.view(s4.shape), float(scale), _FILL[scores.dtype], rows, sq, nh, sk, *s4.stride(),
+                    *m_strides)
+            _launch_rows((_softmax_fwd_kernel, _softmax_fwd_chunked_kernel), args, rows, m4 is not None, sk)
+        ctx.save_for_backward(s4, m4)
+        ctx.scale, ctx.shape = float(scale), shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        scores, m4 = ctx.saved_tensors
-        s4 = _as_4d(scores)
+        s4, m4 = ctx.saved_tensors
         b, nh, sq, sk = s4.shape
-        g4 = _as_4d(grad_out).expand(s4.shape)
-        ds = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+        g4 = _unit_columns(_as_4d(grad_out).expand(s4.shape), sk)
+        ds = torch.empty(ctx.shape, dtype=s4.dtype, device=s4.device)
         m_strides = (0, 0, 0, 0) if m4 is None else tuple(m4.stride())
         rows = b * nh * sq
         if rows > 0 and sk > 0:
-            cfg = launch_config(sk)
-            args = (s4, m4, g4, ds.view(s4.shape), ctx.scale, _FILL[scores.dtype], rows, sq, nh, sk,
+            args = (s4, m4, g4, ds.view(s4.shape), ctx.scale, _FILL[s4.dtype], rows, sq, nh, sk,
                     *s4.stride(), *g4.stride(), *m_strides)
-            if cfg["chunked"]:
-                _softmax_bwd_chunked_kernel[(rows,)](*args, HAS_MASK=m4 is not None, CHUNK=cfg["BLOCK"],
-                                                     num_warps=cfg["num_warps"])
-            else:
-                grid = (triton.cdiv(rows, cfg["BLOCK_R"]),)
-                _softmax_bwd_kernel[grid](*args, HAS_MASK=m4 is not None, BLOCK_R=cfg["BLOCK_R"],
-                                          BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"])
+            _launch_rows((_softmax_bwd_kernel, _softmax_bwd_chunked_kernel), args, rows, m4 is not None, sk)
         return ds, None, None
 
 
-@register("softmax", "triton")
+def _supports(scores, mask, scale):
+    """None if the Triton softmax takes this call, else why not."""
+    if scores.dtype not in _FILL:
+        return f"scaled_masked_softmax: scores must be fp32, fp16 or bf16; got {scores.dtype}"
+    if scores.dim() > 4:
+        return f"scaled_masked_softmax takes scores of at most 4 dims [b, nh, sq, sk]; got {tuple(scores.shape)}"
+    if mask is not None and mask.dtype != torch.bool:
+        return f"scaled_masked_softmax: mask must be bool (True = masked); got {mask.dtype}"
+    return None
+
+
+@register("softmax", "triton", supports=_supports)
 def _softmax_triton(scores, mask, scale):
     """`softmax(masked_fill(scores, mask, -10000).float() * scale)` cast to `scores.dtype`, fused, differentiable.
 
@@ -391,7 +420,7 @@ def _softmax_triton(scores, mask, scale):
 # ahead-of-time compile specs
 # ----------------------------------------------------------------------------------------------------------
 def _all_configs() -> list[dict]:
-    """Every distinct value `launch_config` can return with the module's constants."""
+    """Every distinct value `launch_config` can return with the module's constants, with an sk reaching it."""
     seen, out = set(), []
     sk = 1
     while True:
@@ -399,51 +428,38 @@ def _all_configs() -> list[dict]:
         key = tuple(sorted(cfg.items()))
         if key not in seen:
             seen.add(key)
-            out.append(cfg)
+            out.append((cfg, sk))
         if cfg["chunked"]:
             return out
         sk *= 2
 
 
-def compile_specs() -> list[CompileSpec]:
-    """One spec per (kernel, dtype, launch config, mask or not): every configuration `launch_config` can return.
+def compile_specs(target: DeviceInfo | None = None) -> list[CompileSpec]:
+    """One spec per (kernel, dtype, launch config, mask or not): every configuration `launch_config` can return
+    (the same on every GPU), recorded from the launchers on meta tensors. Each is reached with a row length
+    divisible by 16, one that is not, and (for the smallest tile) rows of one key: the three specialisations
+    of SK that occur."""
+    with assume_device(target or TARGETS[80]), record_launches() as launches:
+        for dtype in DTYPES:
+            for cfg, sk in _all_configs():
+                for n in sorted({sk, sk - 1, sk // 2 + 1, 16, 15, 1}):
+                    if n < 1 or launch_config(n) != cfg:
+                        continue
+                    for has_mask in (True, False):
+                        scores = meta(2, 2, 3, n, dtype=dtype).requires_grad_()
+                        mask = meta(2, 1, 3, n, dtype=torch.bool) if has_mask else None
+                        p = _softmax_triton(scores, mask, 2.0)
+                        p.backward(meta(*p.shape, dtype=dtype))
 
-    The last-dim strides of scores / gradient / mask are compiled as the constexpr 1 the JIT specialises them to
-    for the contiguous tensors the model passes; the mask pointer is the constexpr None when there is no mask
-    (what the launcher passes).
-    """
-    specs = []
-    for dtype in (torch.float16, torch.bfloat16):
-        t = TL_TYPE[dtype]
-        for cfg in _all_configs():
-            for has_mask in (True, False):
-                mask_ty = {"M": "*i1"} if has_mask else {"M": "constexpr"}
-                mask_strides = {k: "i32" for k in ("ms_b", "ms_h", "ms_q")}
-                mask_strides["ms_k"] = "constexpr"
-                common = {"R": "i32", "SQ": "i32", "NH": "i32", "SK": "i32"}
-                fwd_sig = {"S": f"*{t}", **mask_ty, "P": f"*{t}", "scale": "fp32", "fill": "fp32", **common,
-                           "ss_b": "i32", "ss_h": "i32", "ss_q": "i32", "ss_k": "constexpr", **mask_strides}
-                bwd_sig = {"S": f"*{t}", **mask_ty, "DP": f"*{t}", "DS": f"*{t}", "scale": "fp32", "fill": "fp32",
-                           **common, "ss_b": "i32", "ss_h": "i32", "ss_q": "i32", "ss_k": "constexpr",
-                           "gs_b": "i32", "gs_h": "i32", "gs_q": "i32", "gs_k": "constexpr", **mask_strides}
-                consts = {"HAS_MASK": has_mask, "ms_k": 1, "ss_k": 1}
-                if not has_mask:
-                    consts["M"] = None
-                tag = f"{t} {'mask' if has_mask else 'nomask'} w{cfg['num_warps']}"
-                if cfg["chunked"]:
-                    shape = {"CHUNK": cfg["BLOCK"]}
-                    label = f"chunked CHUNK={cfg['BLOCK']} {tag}"
-                    kernels = (_softmax_fwd_chunked_kernel, _softmax_bwd_chunked_kernel)
-                else:
-                    shape = {"BLOCK_R": cfg["BLOCK_R"], "BLOCK": cfg["BLOCK"]}
-                    label = f"BLOCK_R={cfg['BLOCK_R']} BLOCK={cfg['BLOCK']} {tag}"
-                    kernels = (_softmax_fwd_kernel, _softmax_bwd_kernel)
-                for kernel, sig, strides in ((kernels[0], fwd_sig, {}), (kernels[1], bwd_sig, {"gs_k": 1})):
-                    sig = dict(sig)
-                    for name in ("HAS_MASK", *shape):
-                        sig[name] = "constexpr"
-                    specs.append(CompileSpec(kernel=kernel, signature=sig,
-                                             constexprs={**consts, **strides, **shape},
-                                             num_warps=cfg["num_warps"], label=label,
-                                             extra={"dtype": dtype, "config": cfg, "has_mask": has_mask}))
-    return specs
+    def extra(ln):
+        sk = ln.arg("SK")
+        return {"dtype": tensor_dtype(ln), "config": launch_config(sk), "has_mask": ln.kwargs["HAS_MASK"]}
+
+    def label(ln, consts):
+        cfg = launch_config(ln.arg("SK"))
+        tag = f"{'mask' if consts['HAS_MASK'] else 'nomask'} w{cfg['num_warps']}"
+        if cfg["chunked"]:
+            return f"{TL_TYPE[tensor_dtype(ln)]} chunked CHUNK={cfg['BLOCK']} {tag}"
+        return f"{TL_TYPE[tensor_dtype(ln)]} BLOCK_R={cfg['BLOCK_R']} BLOCK={cfg['BLOCK']} {tag}"
+
+    return specs_from_launches(launches, label, extra)

@@ -3,6 +3,7 @@
 Each function here is what the model calls; the implementation behind it
 (torch now, Triton kernels on CUDA) is chosen in `glm_kernels.backend`.
 """
+from ..backend import plan as kernel_plan
 from .attention import glm_attention
 from .gelu import bias_gelu
 from .layernorm import layer_norm, residual_layer_norm
@@ -17,6 +18,7 @@ __all__ = [
     "bias_gelu",
     "fused_linear_cross_entropy",
     "glm_attention",
+    "kernel_plan",
     "layer_norm",
     "residual_layer_norm",
     "rope_qkv",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backend import dispatch, register
+from ..backend import call, register
 
 
 @register("gelu", "torch")
@@ -21,4 +21,4 @@ def _gelu_torch(x, bias):
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """`gelu(x + bias)`; x `[..., n]`, bias `[n]` or None; dtype of x."""
-    return dispatch("gelu", x.device, backend)(x, bias)
+    return call("gelu", x.device, backend, x, bias)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..backend import dispatch, register
+from ..backend import call, register
 
 
 @register("layernorm", "torch")
@@ -31,9 +31,9 @@ def residual_layer_norm(x, residual, alpha: float, weight, bias, eps: float, ret
     Returns:
         `y [..., h]` in the dtype of x, or `(y, x * alpha + residual)`.
     """
-    return dispatch("layernorm", x.device, backend)(x, residual, alpha, weight, bias, eps, return_sum)
+    return call("layernorm", x.device, backend, x, residual, alpha, weight, bias, eps, return_sum)
 
 
 def layer_norm(x, weight, bias, eps: float, backend: str | None = None):
     """Plain `LayerNorm(x)` over the last axis, through the same op."""
-    return dispatch("layernorm", x.device, backend)(x, None, 1.0, weight, bias, eps, False)
+    return call("layernorm", x.device, backend, x, None, 1.0, weight, bias, eps, False)

@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..backend import dispatch, register
+from ..backend import call, register
 
 
 def inv_freq(rot_dim: int) -> torch.Tensor:
@@ -96,7 +96,7 @@ def rope_qkv(mixed, position_ids, cos, sin, num_heads: int, k_out=None, v_out=No
         raise TypeError(f"rotary tables are {cos.dtype}/{sin.dtype} but the QKV output is {mixed.dtype}")
     if (k_out is None) != (v_out is None):
         raise ValueError("pass both k_out and v_out, or neither")
-    return dispatch("rope", mixed.device, backend)(mixed, position_ids, cos, sin, num_heads, k_out, v_out)
+    return call("rope", mixed.device, backend, mixed, position_ids, cos, sin, num_heads, k_out, v_out)
 
 
 def apply_rotary_2d(q, k, cos, sin, position_ids, backend: str | None = None):
@@ -112,4 +112,4 @@ def apply_rotary_2d(q, k, cos, sin, position_ids, backend: str | None = None):
     """
     if cos.dtype != q.dtype or sin.dtype != q.dtype:
         raise TypeError(f"rotary tables are {cos.dtype}/{sin.dtype} but q is {q.dtype}")
-    return dispatch("rotary", q.device, backend)(q, k, cos, sin, position_ids)
+    return call("rotary", q.device, backend, q, k, cos, sin, position_ids)

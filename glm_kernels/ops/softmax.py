@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import dispatch, register
+from ..backend import call, register
 
 MASK_FILL = -10000.0
 
@@ -31,4 +31,4 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale
         mask: bool, broadcastable to scores (`[b, 1, sq, sk]`), True = masked; or None.
         scale: the layer coefficient (`layer_id + 1`).
     """
-    return dispatch("softmax", scores.device, backend)(scores, mask, scale)
+    return call("softmax", scores.device, backend, scores, mask, scale)

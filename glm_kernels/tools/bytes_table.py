@@ -44,16 +44,20 @@ def rope_bytes(s, b, nh, hd, e):
     return qkv + s * b * groups * tables, qkv, qkv + s * b * tables + qkv
 
 
+DTYPE_OF_SIZE = {2: torch.float16, 4: torch.float32}
+
+
 def attention_fwd_bytes(sq, b, nh, hd, La, Lb, e):
-    """(loaded, stored, minimum) of `_attn_fwd` without a mask (mode 0: no key block skipped)."""
-    from ..kernels.attention import MASK_NONE, fwd_config
+    """(loaded, stored, minimum) of `_attn_fwd` without a mask (no key block skipped; every program reads its
+    row's pad and context, 8 bytes, of the GLM mask that stands for no mask)."""
+    from ..kernels.attention import MASK_GLM, fwd_config
 
     H, L = b * nh, La + Lb
-    q_blocks = math.ceil(sq / fwd_config(sq, hd, MASK_NONE)["BLOCK_M"])
+    q_blocks = math.ceil(sq / fwd_config(sq, hd, DTYPE_OF_SIZE[e], MASK_GLM)["BLOCK_M"])
     q = sq * H * hd * e
     kv = 2 * L * H * hd * e
     stored = q + sq * H * 4  # output + fp32 log-sum-exp per row
-    return q + q_blocks * kv, stored, q + kv + stored
+    return q + q_blocks * (kv + 8 * H), stored, q + kv + 8 * b + stored
 
 
 def attention_decode_bytes(b, nh, hd, L, e):
@@ -63,9 +67,9 @@ def attention_decode_bytes(b, nh, hd, L, e):
     H = b * nh
     splits, _ = decode_config(H, L, hd)
     partials = splits * H * (hd + 2) * 4
-    loaded = H * hd * e + 2 * L * H * hd * e + partials
+    loaded = H * hd * e + 2 * L * H * hd * e + 8 * splits * H + partials  # 8: the row's pad and context
     stored = partials + H * hd * e
-    return loaded, stored, H * hd * e + 2 * L * H * hd * e + H * hd * e
+    return loaded, stored, H * hd * e + 2 * L * H * hd * e + 8 * b + H * hd * e
 
 
 def softmax_bytes(rows, sk, e, has_mask=True):
