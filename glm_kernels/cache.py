@@ -11,11 +11,22 @@ as a view. Beam search reorders the filled part in place; the buffers never move
     out = model(next_ids, position_ids=..., past_key_values=cache)
 
 `generate()` creates one for you, sized for `max_length`.
+
+On a model spread over several devices (`from_pretrained(..., device_map=...)`), `device` is a list
+with each layer's device: every layer's buffers live with that layer (`generate()` does this).
+
+The cache also keeps the attention mask of the rows it holds (P-Tuning prefix length, left padding,
+context length: a `GLMMask`), set by the first forward, so that the steps after it build nothing:
+the model reads it from here, on each layer's device, without a host sync.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .ops.mask import GLMMask
 
 
 class GLMCacheLayer(CacheLayerMixin):
@@ -83,10 +94,13 @@ class GLMKVCache(Cache):
         batch_size: rows (beams included).
         max_length: tokens the cache holds (prompt + generated), prefix not counted;
             at most `config.max_sequence_length`.
-        dtype, device: those of the model.
+        dtype: that of the model.
+        device: that of the model, or one device per layer for a model spread over several
+            (`model.transformer.layer_devices()`).
     """
 
-    def __init__(self, config, batch_size: int, max_length: int, dtype=torch.float32, device="cpu"):
+    def __init__(self, config, batch_size: int, max_length: int, dtype=torch.float32,
+                 device: torch.device | str | int | Sequence = "cpu"):
         if max_length > config.max_sequence_length:
             raise ValueError(f"max_length={max_length} exceeds the model's max_sequence_length="
                              f"{config.max_sequence_length}")
@@ -95,13 +109,22 @@ class GLMKVCache(Cache):
         self.prefix_len = config.pre_seq_len or 0
         self.filled = 0  # positions written, prefix included
         self.prefix_written = self.prefix_len == 0
-        self.context = None  # per-row context length (index of <sop>), set by the first forward
+        self.mask: GLMMask | None = None  # the rows' GLM mask, set by the first forward (set_mask)
+        self.padded = True  # whether any row is left-padded (known once the mask is set)
+        self._masks: dict[torch.device, GLMMask] = {}  # self.mask on each layer device
+        self._checked = None  # (batch, dtype, layer devices) the cache was last checked against
+        if isinstance(device, (list, tuple)):
+            if len(device) != config.num_layers:
+                raise ValueError(f"GLMKVCache got {len(device)} devices for {config.num_layers} layers")
+            devices = [torch.device(d) for d in device]
+        else:
+            devices = [torch.device(device)] * config.num_layers
         nh = config.num_attention_heads
         hd = config.hidden_size // nh
         shape = (batch_size, nh, self.prefix_len + max_length, hd)
-        layers = [GLMCacheLayer(torch.zeros(shape, dtype=dtype, device=device),
-                                torch.zeros(shape, dtype=dtype, device=device), self)
-                  for _ in range(config.num_layers)]
+        layers = [GLMCacheLayer(torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d),
+                                self)
+                  for d in devices]
         super().__init__(layers=layers)
 
     # ------------------------------------------------------------------ transformers' Cache interface
@@ -120,18 +143,21 @@ class GLMKVCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.context is not None:
-            self.context = self.context.index_select(0, beam_idx.to(self.context.device))
+        self._rows_changed(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.context is not None:
-            self.context = self.context.repeat_interleave(repeats, dim=0)
+        self._rows_changed(lambda t: t.repeat_interleave(repeats, dim=0, output_size=t.shape[0] * repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.context is not None:
-            self.context = self.context[indices]
+        self._rows_changed(lambda t: t[indices.to(t.device)])
+
+    def _rows_changed(self, select) -> None:
+        self._checked = None
+        if self.mask is not None:
+            m = self.mask
+            self.set_mask(GLMMask(m.prefix_len, select(m.pad), select(m.context), m.causal), self.padded)
 
     # ------------------------------------------------------------------ what the model uses
 
@@ -144,11 +170,44 @@ class GLMKVCache(Cache):
             raise ValueError(f"the KV cache holds {self.capacity - self.prefix_len} tokens; "
                              f"{self.get_seq_length()} are cached and {new_tokens} more were given")
 
-    def check_compatible(self, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+    def check_compatible(self, batch: int, dtype: torch.dtype, devices: Sequence[torch.device]) -> None:
+        """Raise `ValueError` unless the cache holds `batch` rows of `dtype` with layer i on `devices[i]`.
+
+        No host sync: shapes, dtypes and devices only (checked once per batch/dtype/devices).
+        """
+        key = (batch, dtype, tuple(devices))
+        if key == self._checked:
+            return
         keys = self.layers[0].keys
-        if keys.shape[0] != batch or keys.dtype != dtype or keys.device != device:
-            raise ValueError(f"the KV cache was built for batch {keys.shape[0]}, {keys.dtype} on {keys.device}; "
-                             f"the input is batch {batch}, {dtype} on {device}")
+        if keys.shape[0] != batch or keys.dtype != dtype:
+            raise ValueError(f"the KV cache was built for batch {keys.shape[0]}, {keys.dtype}; the input is batch "
+                             f"{batch}, {dtype}")
+        if len(devices) != len(self.layers):
+            raise ValueError(f"the KV cache has {len(self.layers)} layers, the model {len(devices)}")
+        for i, (layer, device) in enumerate(zip(self.layers, devices)):
+            if layer.keys.device != device:
+                where = "the model's inputs are" if len(set(devices)) == 1 else f"the model runs layer {i}"
+                raise ValueError(f"past_key_values (GLMKVCache) layer {i} is on {layer.keys.device}, {where} on "
+                                 f"{device}: build the cache with device=model.transformer.layer_devices()")
+        self._checked = key
+
+    @property
+    def context(self) -> torch.Tensor | None:
+        """Per-row context length (index of `<sop>`), once the first forward has set the mask."""
+        return None if self.mask is None else self.mask.context
+
+    def set_mask(self, mask: GLMMask | None, padded: bool = True) -> None:
+        """Keep the rows' GLM mask for the following steps; `padded`: whether any row is left-padded."""
+        self.mask, self.padded = mask, padded
+        self._masks = {}
+
+    def mask_on(self, device: torch.device) -> GLMMask | None:
+        """The rows' GLM mask on `device`, moved there once per cache (not per step)."""
+        if self.mask is None:
+            return None
+        if device not in self._masks:
+            self._masks[device] = self.mask.to(device)
+        return self._masks[device]
 
     def seq_view(self, layer_idx: int):
         """Key and value buffers of a layer as `[capacity, b, nh, hd]` views (the ops' layout)."""
@@ -156,7 +215,7 @@ class GLMKVCache(Cache):
         return layer.keys.permute(2, 0, 1, 3), layer.values.permute(2, 0, 1, 3)
 
     def write_prefix(self, prompt) -> None:
-        """Write the P-Tuning prefix (per layer a `[2, P, b, nh, hd]` tensor from `get_prompt`) once."""
+        """Write the P-Tuning prefix (per layer a `[2, P, b, nh, hd]` tensor from `get_prompt`, on any device) once."""
         for i, kv in enumerate(prompt):
             k, v = self.seq_view(i)
             k[: self.prefix_len].copy_(kv[0])

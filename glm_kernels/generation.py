@@ -8,6 +8,11 @@ original feeds ChatGLM:
 - masks: the original tokenizer's boolean `[b, 1, s, s]` mask (converted to the left-padding mask
   it encodes, since transformers only passes 2D masks through `generate`), a standard 2D padding
   mask, or none (left padding is then read from leading pad tokens).
+
+The prompt is checked once per `generate()` call (ids in the vocabulary, positions in range, the
+mask GLM's); the steps after it are built here from checked values, so they are run with
+`check_inputs=False` and the mask the cache keeps: no host sync in the model's decode steps
+(docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -23,12 +28,15 @@ from .ops.mask import GLMMask
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """The original's guard: if any score is NaN or inf, put all the probability on token 5."""
+    """The original's guard: if any score is NaN or inf, put all the probability on token 5.
+
+    Decided on the device (no host sync): the scores are rewritten under a 0-d condition.
+    """
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if torch.isnan(scores).any() or torch.isinf(scores).any():
-            scores.zero_()
-            scores[..., 5] = 5e4
+        invalid = (~torch.isfinite(scores)).any()
+        scores.masked_fill_(invalid, 0.0)
+        scores[..., 5].masked_fill_(invalid, 5e4)
         return scores
 
 
@@ -99,6 +107,11 @@ class ChatGLMGenerationMixin(GenerationMixin):
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError(f"generate() needs input_ids [batch, seq], got "
                              f"{None if input_ids is None else tuple(input_ids.shape)}")
+        for name in ("attention_mask", "position_ids"):
+            t = kwargs.get(name)
+            if t is not None and t.device != input_ids.device:
+                raise ValueError(f"{name} is on {t.device} but input_ids are on {input_ids.device}: pass it on "
+                                 f"{input_ids.device}")
         kwargs["attention_mask"] = self._padding_mask(input_ids, kwargs.get("attention_mask"))
         return super().generate(input_ids, generation_config=generation_config, **kwargs)
 
@@ -122,24 +135,35 @@ class ChatGLMGenerationMixin(GenerationMixin):
                                                                    num_new_tokens)
         if position_ids is not None:
             # the original's rule: the position stays at the mask position, the block position grows
-            step = torch.arange(1, num_new_tokens + 1, device=position_ids.device)
             new = position_ids[..., -1:].repeat(1, 1, num_new_tokens)
-            new[:, 1, :] += step
-            model_kwargs["position_ids"] = torch.cat((position_ids, new), dim=-1)
+            new[:, 1, :] += torch.arange(1, num_new_tokens + 1, device=position_ids.device)
+            if isinstance(model_kwargs.get("past_key_values"), GLMKVCache):
+                model_kwargs["position_ids"] = new  # the next step feeds only the new tokens
+            else:
+                model_kwargs["position_ids"] = torch.cat((position_ids, new), dim=-1)
         return model_kwargs
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      position_ids=None, use_cache=True, logits_to_keep=None, **kwargs):
+                                      position_ids=None, use_cache=True, logits_to_keep=None, is_first_iteration=False,
+                                      check_inputs=None, **kwargs):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        new_ids = input_ids[:, past:]
         if position_ids is None:
             position_ids = self._glm_position_ids(input_ids, attention_mask)
+        if is_first_iteration:  # the caller's prompt (and mask, positions): checked
+            position_ids = position_ids[..., past:]
+        else:  # a step built here from checked values: only the new tokens' positions are kept
+            position_ids = position_ids[..., -new_ids.shape[1]:]
+            if isinstance(past_key_values, GLMKVCache) and past_key_values.mask is not None:
+                attention_mask = None  # the cache keeps the rows' padding and context
         return {
-            "input_ids": input_ids[:, past:],
-            "position_ids": position_ids[..., past:],
+            "input_ids": new_ids,
+            "position_ids": position_ids,
             "attention_mask": attention_mask,
             "past_key_values": past_key_values,
             "use_cache": use_cache,
             "logits_to_keep": logits_to_keep,
+            "check_inputs": bool(is_first_iteration) if check_inputs is None else check_inputs,
         }
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
@@ -161,7 +185,7 @@ class ChatGLMGenerationMixin(GenerationMixin):
             return
         rows = batch_size * max(generation_config.num_beams, generation_config.num_return_sequences or 1)
         model_kwargs["past_key_values"] = GLMKVCache(self.config, rows, max_cache_length, dtype=self.dtype,
-                                                     device=self.device)
+                                                     device=self.transformer.layer_devices())
 
     # ------------------------------------------------------------------ chat
 
@@ -211,7 +235,10 @@ class ChatGLMGenerationMixin(GenerationMixin):
         if max_new_tokens is not None:
             max_length = input_ids.shape[1] + max_new_tokens
         mask = self._padding_mask(input_ids, attention_mask)
-        cache = GLMKVCache(self.config, input_ids.shape[0], max_length, dtype=self.dtype, device=self.device)
+        if position_ids is None:
+            position_ids = self._glm_position_ids(input_ids, mask)
+        cache = GLMKVCache(self.config, input_ids.shape[0], max_length, dtype=self.dtype,
+                           device=self.transformer.layer_devices())
         eos = self.generation_config.eos_token_id if self.generation_config.eos_token_id is not None else \
             self.config.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
@@ -219,15 +246,15 @@ class ChatGLMGenerationMixin(GenerationMixin):
         while input_ids.shape[1] < max_length:
             out = self.generate(input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                                 max_new_tokens=1, return_dict_in_generate=True, **kwargs)
+            kwargs.setdefault("check_inputs", False)  # the next prompts are built here from checked values
             new = out.sequences[:, -1]
             new = torch.where(done, torch.full_like(new, self.config.pad_token_id), new)
             done |= torch.isin(new, eos)
             input_ids = torch.cat((input_ids, new[:, None]), dim=1)
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-            if position_ids is not None:
-                nxt = position_ids[..., -1:].clone()
-                nxt[:, 1] += 1
-                position_ids = torch.cat((position_ids, nxt), dim=-1)
+            nxt = position_ids[..., -1:].clone()
+            nxt[:, 1] += 1
+            position_ids = torch.cat((position_ids, nxt), dim=-1)
             if bool(done.all()):
                 break
             yield input_ids

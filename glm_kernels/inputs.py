@@ -79,17 +79,20 @@ def get_position_ids(input_ids: torch.Tensor, bos_token_id: int, mask_token_id: 
     return torch.stack((position, block), dim=1)
 
 
-def left_padding(attention_mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+def left_padding(attention_mask: torch.Tensor, batch: int, length: int, check: bool = True) -> torch.Tensor:
     """`[b]` int64 left-padding lengths of a padding mask `[b, length]` (1 = token, 0 = padding).
 
-    Raises `ValueError` when the mask has another shape or holds zeros after a
-    row's first token (ChatGLM pads on the left only).
+    Raises `ValueError` when the mask has another shape or (`check`, which reads
+    the mask on the host) holds zeros after a row's first token (ChatGLM pads on
+    the left only).
     """
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
         raise ValueError(f"a padding attention_mask must be [batch, past + seq] = [{batch}, {length}], "
                          f"got {tuple(attention_mask.shape)}")
     real = attention_mask != 0
     pad = (~real).int().cumprod(dim=1).sum(dim=1)
+    if not check:
+        return pad.long()
     expected = torch.arange(length, device=real.device)[None, :] >= pad[:, None]
     if not torch.equal(real, expected):
         row = int((real != expected).any(dim=1).nonzero()[0, 0])

@@ -11,10 +11,21 @@ memory is allocated for weights; errors name the file, the key and the shape.
 The model is built on the meta device, allocated once in the target dtype and
 filled shard by shard, so peak memory is one copy of the weights plus one
 shard's mapped pages (README: "Loading memory").
+
+With `device_map` (docs/gpu.md) each weight is allocated on its device from
+accelerate's plan (`glm_kernels.placement`), the weights of modules mapped to
+"disk" are written to `offload_folder` as they are read, and offloaded maps are
+dispatched with `accelerate.dispatch_model`.
+
+The keyword arguments of transformers' / THUDM's `from_pretrained` are
+accepted: those for the hub go to `snapshot_download`, those without a meaning
+here are ignored (`IGNORED_ARGS` says why, logged at INFO), and those asking
+for something this loader does not do are refused (`REFUSED_ARGS`).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -22,9 +33,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from safetensors.torch import save_file
 
+from . import placement
 from .configuration import ChatGLMConfig
+
+logger = logging.getLogger(__name__)
 
 INV_FREQ = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 PREFIX_KEY = "transformer.prefix_encoder."
@@ -34,14 +49,46 @@ _WEIGHT_LAYOUTS = (
     ("pytorch_model.bin.index.json", True),
     ("pytorch_model.bin", False),
 )
+# transformers' / THUDM's from_pretrained arguments
+HUB_ARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies")
+IGNORED_ARGS = {
+    "trust_remote_code": "the modeling code is this package's: no remote code is run",
+    "code_revision": "the modeling code is this package's: no remote code is run",
+    "low_cpu_mem_usage": "loading always builds the model on the meta device and fills it shard by shard",
+    "_fast_init": "loading always builds the model on the meta device and fills it shard by shard",
+    "empty_init": "loading always builds the model on the meta device and fills it shard by shard",
+    "offload_state_dict": "weights are streamed shard by shard; the state dict is never held whole",
+    "resume_download": "deprecated by huggingface_hub: downloads always resume",
+    "mirror": "deprecated by transformers",
+}
+# refused unless given the harmless value shown
+REFUSED_ARGS = {
+    "quantization_config": (None, "quantized loading is not supported: load the fp16 checkpoint"),
+    "load_in_8bit": (False, "quantized loading is not supported: load the fp16 checkpoint"),
+    "load_in_4bit": (False, "quantized loading is not supported: load the fp16 checkpoint"),
+    "from_tf": (False, "only PyTorch checkpoints (.bin, .safetensors) are read"),
+    "from_flax": (False, "only PyTorch checkpoints (.bin, .safetensors) are read"),
+    "gguf_file": (None, "only PyTorch checkpoints (.bin, .safetensors) are read"),
+    "state_dict": (None, "pass a checkpoint directory (or load_state_dict on a built model)"),
+    "variant": (None, "weight-file variants (pytorch_model.<variant>.bin) are not read"),
+    "attn_implementation": (None, "attention is GLM's fused op; choose its backend with kernel_backend="),
+    "tp_plan": (None, "tensor parallelism is not supported: spread the layers with device_map"),
+    "key_mapping": (None, "checkpoint keys are the original ChatGLM-6B names"),
+    "ignore_mismatched_sizes": (False, "shapes are always checked: a mismatch raises naming the key"),
+    "output_loading_info": (False, "loading is strict: missing or unexpected keys raise (or pass strict=False)"),
+    "weights_only": (True, "checkpoints are only read with weights_only=True (no pickled code)"),
+}
 
 
 def _is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors"
 
 
-def checkpoint_files(path) -> list[Path]:
-    """The weight files of a checkpoint directory (or a single weight file), checked to exist."""
+def checkpoint_files(path, use_safetensors: bool | None = None) -> list[Path]:
+    """The weight files of a checkpoint directory (or a single weight file), checked to exist.
+
+    `use_safetensors`: True for safetensors layouts only, False for .bin only, None for either.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
@@ -51,7 +98,7 @@ def checkpoint_files(path) -> list[Path]:
         return [path]
     for name, is_index in _WEIGHT_LAYOUTS:
         candidate = path / name
-        if not candidate.is_file():
+        if not candidate.is_file() or (use_safetensors is not None and ("safetensors" in name) != use_safetensors):
             continue
         if not is_index:
             return [candidate]
@@ -64,7 +111,8 @@ def checkpoint_files(path) -> list[Path]:
             if not (path / shard).is_file():
                 raise FileNotFoundError(f"{candidate} lists shard {shard}, which is missing from {path}")
         return [path / shard for shard in shards]
-    names = ", ".join(name for name, _ in _WEIGHT_LAYOUTS)
+    names = ", ".join(name for name, _ in _WEIGHT_LAYOUTS
+                      if use_safetensors is None or ("safetensors" in name) == use_safetensors)
     raise FileNotFoundError(f"no weights in {path}: expected one of {names}")
 
 
@@ -133,24 +181,47 @@ def _resolve_dtype(dtype, config: ChatGLMConfig) -> torch.dtype:
     return dtype
 
 
-def _resolve_directory(name_or_path) -> Path:
+def _resolve_directory(name_or_path, hub_args=None) -> Path:
     path = Path(name_or_path)
     if path.exists():
+        if hub_args:
+            logger.info("from_pretrained: %s ignored for the local directory %s", ", ".join(hub_args), path)
         return path
     text = str(name_or_path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"]))
+            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"],
+                                          **(hub_args or {})))
         except Exception as err:
             raise FileNotFoundError(f"{text} is neither a local directory nor a downloadable hub repo: {err}") \
                 from err
     raise FileNotFoundError(f"checkpoint directory {path} does not exist")
 
 
+def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """`(hub arguments, config overrides)` from the remaining keyword arguments; ignored ones are logged,
+    refused ones raise `TypeError` saying why."""
+    hub, overrides = {}, {}
+    for key, value in kwargs.items():
+        if key in HUB_ARGS or key == "use_auth_token":
+            if value is not None:
+                hub["token" if key == "use_auth_token" else key] = value
+        elif key in IGNORED_ARGS:
+            logger.info("from_pretrained: %s=%r ignored: %s", key, value, IGNORED_ARGS[key])
+        elif key in REFUSED_ARGS:
+            harmless, why = REFUSED_ARGS[key]
+            if value is not harmless and value != harmless:
+                raise TypeError(f"from_pretrained({key}={value!r}) is not supported: {why}")
+        else:
+            overrides[key] = value
+    return hub, overrides
+
+
 def from_pretrained(cls, name_or_path, config=None, dtype=None, ptuning_checkpoint=None, device=None,
-                    strict=True, **config_overrides):
+                    strict=True, device_map=None, max_memory=None, offload_folder=None, offload_buffers=False,
+                    use_safetensors=None, subfolder="", **kwargs):
     """Build `cls` from a checkpoint directory in the original layout.
 
     Args:
@@ -163,10 +234,27 @@ def from_pretrained(cls, name_or_path, config=None, dtype=None, ptuning_checkpoi
             in `config_overrides`.
         device: where to allocate the weights (default CPU).
         strict: raise on missing or unexpected keys (shape mismatches always raise).
-        config_overrides: config fields to set, e.g. `pre_seq_len=128`,
-            `prefix_projection=False`, `kernel_backend="torch"`.
+        device_map: spread the model over devices (`glm_kernels.placement`):
+            "auto" / "balanced" / "balanced_low_0" / "sequential" (accelerate's
+            plans), a dict `{module name: device}` (0, "cuda:1", "cpu", "disk"),
+            or one device for everything.
+        max_memory: per-device budgets for the "auto" plans, accelerate's form
+            `{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}`.
+        offload_folder: where the weights of modules mapped to "disk" are written.
+        offload_buffers: offload the buffers of offloaded modules too (accelerate).
+        use_safetensors: True / False to read only safetensors / .bin weights.
+        subfolder: the checkpoint's subfolder in the directory or repo.
+        kwargs: config fields to set, e.g. `pre_seq_len=128`,
+            `prefix_projection=False`, `kernel_backend="torch"`; hub arguments
+            (`revision`, `cache_dir`, `token`, ...) for a hub id; transformers'
+            other arguments as `IGNORED_ARGS` / `REFUSED_ARGS` say.
     """
-    directory = _resolve_directory(name_or_path)
+    hub_args, config_overrides = _split_kwargs(kwargs)
+    if device is not None and device_map is not None:
+        raise TypeError("from_pretrained takes device or device_map, not both")
+    directory = _resolve_directory(name_or_path, hub_args)
+    if subfolder:
+        directory = directory / subfolder
     if config is None:
         config_file = directory / "config.json" if directory.is_dir() else directory.parent / "config.json"
         if not config_file.is_file():
@@ -180,7 +268,7 @@ def from_pretrained(cls, name_or_path, config=None, dtype=None, ptuning_checkpoi
         setattr(config, key, value)
     config.validate_model_shape()
     dtype = _resolve_dtype(dtype, config)
-    files = checkpoint_files(directory)
+    files = checkpoint_files(directory, use_safetensors)
 
     with torch.device("meta"):
         model = cls(config)
@@ -197,11 +285,21 @@ def from_pretrained(cls, name_or_path, config=None, dtype=None, ptuning_checkpoi
 
     _check_keys(model, config, expected, found, strict)
     model.to(dtype)
-    model.to_empty(device=device or "cpu")
+    plan = None
+    if device_map is None:
+        model.to_empty(device=device or "cpu")
+    else:
+        plan = placement.resolve_device_map(model, device_map, max_memory, dtype)
+        if "disk" in plan.values() and offload_folder is None:
+            raise ValueError(f"the device_map offloads {[k for k, v in plan.items() if v == 'disk']} to disk: pass "
+                             "offload_folder=")
+        _allocate(model, plan)
     _reset_buffers(model)
     if getattr(config, "tie_word_embeddings", True):
         model.tie_weights()
     params = model.state_dict(keep_vars=True)
+    on_disk = set() if plan is None else {k for k in params if placement.device_of(k, plan) == "disk"}
+    offload_index = {}
     loaded = set()
     with torch.no_grad():
         for file in files:
@@ -211,16 +309,73 @@ def from_pretrained(cls, name_or_path, config=None, dtype=None, ptuning_checkpoi
                     continue
                 if key == "lm_head.weight" and "lm_head.weight" in loaded:
                     continue  # tied to word_embeddings, already loaded from it
-                params[key].copy_(tensor)
+                tied_head = key.endswith("word_embeddings.weight") and params.get("lm_head.weight") is params[key]
+                if key in on_disk:  # written to the offload folder as it is read
+                    _offload(tensor.to(dtype), [key] + (["lm_head.weight"] if tied_head else []), offload_folder,
+                             offload_index)
+                else:
+                    params[key].copy_(tensor)
                 loaded.add(key)
-                if key == "transformer.word_embeddings.weight" and params.get("lm_head.weight") is params[key]:
+                if tied_head:
                     loaded.add("lm_head.weight")
             # tensors of this shard go out of scope here, unmapping its file
-    _initialise_unloaded(model, params, loaded)
+    _initialise_unloaded(model, params, loaded, on_disk)
     if ptuning_checkpoint is not None:
         load_ptuning_checkpoint(model, ptuning_checkpoint)
     model.eval()
+    if plan is not None:
+        _dispatch(model, plan, offload_folder, offload_index, offload_buffers)
     return model
+
+
+def _allocate(model, plan) -> None:
+    """Give every weight and buffer storage on its device in `plan`; weights of "disk" modules stay on meta
+    (their buffers go to the computing device). Tied weights stay one tensor."""
+    main = placement.main_device(plan)
+    made = {}
+    for module_name, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            tensors = getattr(module, kind)
+            for name, t in list(tensors.items()):
+                if t is None:
+                    continue
+                # a tensor in no entry (a non-persistent buffer of a split module) goes with the module's first
+                # planned part (transformer.prefix_tokens: with the embeddings)
+                owner = module_name + "." if module_name else ""
+                first_part = next((d for k, d in plan.items() if k.startswith(owner)), main)
+                device = placement.device_of(f"{module_name}.{name}" if module_name else name, plan, first_part)
+                if device == "disk":
+                    if kind == "_parameters":
+                        continue
+                    device = main
+                if id(t) not in made:
+                    empty = torch.empty_like(t, device=placement.as_device(device))
+                    made[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if kind == "_parameters" \
+                        else empty
+                tensors[name] = made[id(t)]
+
+
+def _offload(tensor, names, folder, index) -> None:
+    from accelerate.utils import offload_weight
+
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        offload_weight(tensor, name, str(folder), index)
+
+
+def _dispatch(model, plan, offload_folder, offload_index, offload_buffers) -> None:
+    """accelerate's hooks when weights live off their computing device (cpu/disk offload); `hf_device_map`."""
+    if offload_index:
+        from accelerate.utils import save_offload_index
+
+        save_offload_index(offload_index, str(offload_folder))
+    if placement.needs_hooks(plan):
+        from accelerate import dispatch_model
+
+        # GLMBlock reads its submodules' weights without calling them: load the whole block at its call
+        dispatch_model(model, plan, main_device=placement.main_device(plan), offload_dir=offload_folder,
+                       offload_buffers=offload_buffers, preload_module_classes=["GLMBlock"])
+    model.hf_device_map = dict(plan)
 
 
 def _check_keys(model, config, expected, found, strict):
@@ -274,12 +429,15 @@ def _reset_buffers(model) -> None:
                 module.prefix_tokens.copy_(torch.arange(module.pre_seq_len))
 
 
-def _initialise_unloaded(model, params, loaded) -> None:
+def _initialise_unloaded(model, params, loaded, on_disk=()) -> None:
     """Give parameters the checkpoint did not hold (a fresh prefix encoder, non-strict loads) their default init."""
     owners = {}
     for key in params:
         if key in loaded or INV_FREQ.search(key) or not isinstance(params[key], torch.nn.Parameter):
             continue
+        if key in on_disk:
+            raise ValueError(f"{key} is not in the checkpoint and the device_map offloads it to disk: nothing to "
+                             "initialise it from (map its module to a device)")
         owner = key.rsplit(".", 1)[0]
         owners.setdefault(owner, model.get_submodule(owner))
     for name, module in owners.items():

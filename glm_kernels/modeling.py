@@ -23,6 +23,7 @@ from .configuration import ChatGLMConfig
 from .generation import ChatGLMGenerationMixin
 from .ops.mask import GLMMask
 from .ops.rotary import inv_freq
+from .placement import execution_device
 
 # The original GLMBlock's `num_layers` argument defaults to 28 and ChatGLMModel
 # never passes config.num_layers: alpha is sqrt(56) for every config.
@@ -229,6 +230,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.pre_seq_len = config.pre_seq_len
         self.prefix_projection = config.prefix_projection
         self.gradient_checkpointing = False
+        self._rotary_tables = {}  # (dtype, device) -> (cos, sin): looked up, not rebuilt, in every forward
 
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
@@ -249,15 +251,27 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.word_embeddings = new_embeddings
 
     def get_prompt(self, batch_size, device, dtype=torch.half):
-        """The P-Tuning v2 prefix: per layer a `(key, value)` pair, each `[P, b, nh, hd]` in `dtype`."""
-        tokens = self.prefix_tokens.to(device).unsqueeze(0).expand(batch_size, -1)
-        past = self.prefix_encoder(tokens).type(dtype)
+        """The P-Tuning v2 prefix: per layer a `(key, value)` pair, each `[P, b, nh, hd]` in `dtype` on `device`."""
+        tokens = self.prefix_tokens.to(execution_device(self.prefix_encoder)).unsqueeze(0).expand(batch_size, -1)
+        past = self.prefix_encoder(tokens).to(device=device, dtype=dtype)
         past = past.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.num_attention_heads,
                          self.hidden_size_per_attention_head)
         past = self.dropout(past)
         return past.permute([2, 1, 0, 3, 4]).split(2)
 
-    def _check_inputs(self, input_ids, inputs_embeds, past_key_values):
+    def rotary_table(self, dtype, device):
+        """`(cos, sin)` for every position, in `dtype` on `device` (built once per dtype and device)."""
+        key = (dtype, device)
+        if key not in self._rotary_tables:
+            self._rotary_tables[key] = ops.rotary_table(self.config.max_sequence_length,
+                                                        self.hidden_size_per_attention_head // 2, dtype, device)
+        return self._rotary_tables[key]
+
+    def layer_devices(self) -> list[torch.device]:
+        """The device each GLM block computes on (that of its weights, or accelerate's execution device)."""
+        return [execution_device(layer, layer.input_layernorm.weight) for layer in self.layers]
+
+    def _check_inputs(self, input_ids, inputs_embeds, past_key_values, check=True):
         if input_ids is None and inputs_embeds is None:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
         if input_ids is not None:
@@ -266,6 +280,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                                  f"{tuple(input_ids.shape)}")
             if input_ids.numel() == 0:
                 raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+        if input_ids is not None and check:  # reads the ids on the host: a sync on a GPU
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
@@ -278,7 +293,21 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                     + (f" of length {len(past_key_values)}" if isinstance(past_key_values, (tuple, list)) else "")
                 )
 
-    def _check_positions(self, position_ids, batch, seq, past_length):
+    @staticmethod
+    def _check_devices(device, attention_mask, position_ids, past_key_values, layer_devices):
+        """Masks and positions on the inputs' device, a tuple past with each layer (a GLMKVCache checks itself)."""
+        for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if t is not None and t.device != device:
+                raise ValueError(f"{name} is on {t.device} but the inputs (input_ids / inputs_embeds) are on "
+                                 f"{device}: pass it on {device}")
+        if past_key_values is not None and not isinstance(past_key_values, GLMKVCache):
+            for i, (kv, layer_device) in enumerate(zip(past_key_values, layer_devices)):
+                for name, t in zip(("key", "value"), kv):
+                    if t.device != layer_device:
+                        raise ValueError(f"past_key_values layer {i} {name} is on {t.device}, the model runs layer "
+                                         f"{i} on {layer_device}")
+
+    def _check_positions(self, position_ids, batch, seq, past_length, check=True):
         if position_ids.dim() != 3 or tuple(position_ids.shape) != (batch, 2, seq):
             raise ValueError(f"position_ids must be [batch, 2, seq] = [{batch}, 2, {seq}], got "
                              f"{tuple(position_ids.shape)}")
@@ -286,11 +315,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if past_length + seq > limit:
             raise ValueError(f"sequence length {past_length + seq} (past {past_length} + new {seq}) exceeds "
                              f"max_sequence_length={limit}")
-        lo, hi = int(position_ids.min()), int(position_ids.max())
+        if not check:
+            return
+        lo, hi = int(position_ids.min()), int(position_ids.max())  # a host sync on a GPU
         if lo < 0 or hi >= limit:
             raise ValueError(f"position_ids holds {lo if lo < 0 else hi}, outside [0, max_sequence_length={limit})")
 
-    def _glm_mask(self, attention_mask, pad, context, batch, seq, past_length):
+    def _glm_mask(self, attention_mask, pad, context, batch, seq, past_length, recognise=True):
         """The mask for the attention op: a compact `GLMMask` whenever the mask is GLM's, else the bool mask.
 
         - No mask: the GLM mask of the rows' context lengths (the position of
@@ -299,14 +330,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         - A 2D padding mask `[b, past + seq]` (1 = token, 0 = left padding):
           the GLM mask with that padding.
         - A bool mask `[b, 1, seq, past + seq]` (True = may not attend, the
-          original's): recognised as a `GLMMask` when it is one; any other mask
-          is kept as it is, with the P-Tuning prefix columns prepended as visible.
+          original's): recognised as a `GLMMask` when it is one (`recognise`: this
+          reads the mask on the host); any other mask is kept as it is, with the
+          P-Tuning prefix columns prepended as visible.
         """
         prefix = self.pre_seq_len or 0
         if attention_mask is None or attention_mask.dim() == 2:
             if pad is None and context is None:
                 return None
-            pad = torch.zeros(batch, dtype=torch.long, device=self.device) if pad is None else pad
+            pad = torch.zeros(batch, dtype=torch.int32, device=context.device) if pad is None else pad
             return GLMMask(prefix, pad, pad if context is None else context)
         key_length = past_length + seq
         if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or \
@@ -316,7 +348,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 f"{key_length}] (True = may not attend), or a padding mask [batch, past + seq] = [{batch}, "
                 f"{key_length}]; got {attention_mask.dtype} {tuple(attention_mask.shape)}"
             )
-        compact = GLMMask.from_bool(attention_mask, prefix, batch)
+        compact = GLMMask.from_bool(attention_mask, prefix, batch) if recognise else None
         if compact is not None:
             return compact
         if prefix:
@@ -335,6 +367,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        check_inputs: Optional[bool] = None,
     ):
         """Args as the original, plus a preallocated cache and padding masks.
 
@@ -342,10 +375,23 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
           when omitted on the first step; required after a past).
         - `attention_mask`: the original's bool `[b, 1, s, past + s]` (True = may
           not attend; P-Tuning prefix columns are added here), or a padding
-          mask `[b, past + s]` (1 = token, 0 = left padding), or None.
+          mask `[b, past + s]` (1 = token, 0 = left padding), or None. With a
+          `GLMKVCache`, None after the first step means the mask the first step
+          set (left padding and context of each row).
         - `past_key_values`: a `GLMKVCache` (filled in place, returned as the
           new past), or the original's tuple of per-layer `(key, value)`
           `[past, b, nh, hd]` (a new tuple is returned).
+        - `check_inputs` (default True): check the values of the inputs (ids in
+          the vocabulary, positions in range, a padding mask that pads on the
+          left, a bool mask recognised as GLM's), which makes the host wait for
+          the device. `generate()` checks the prompt and passes False for the
+          steps it builds itself; pass False in a decode loop of your own to make
+          its steps free of host syncs. Shapes, dtypes, devices and lengths are
+          always checked.
+
+        Masks, positions and the `GLMKVCache` must be on the device of the inputs
+        (for a cache: each layer's buffers on the device that layer runs on);
+        otherwise `ValueError` names the tensor and the devices.
         """
         cfg = self.config
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
@@ -354,65 +400,66 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return_dict = return_dict if return_dict is not None else cfg.return_dict
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        self._check_inputs(input_ids, inputs_embeds, past_key_values)
+        check = check_inputs is not False
+        self._check_inputs(input_ids, inputs_embeds, past_key_values, check)
+        devices = self.layer_devices()
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        self._check_devices(device, attention_mask, position_ids, past_key_values, devices)
 
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
+            inputs_embeds = self.word_embeddings(input_ids.to(execution_device(self.word_embeddings,
+                                                                               self.word_embeddings.weight)))
         batch, seq = inputs_embeds.shape[:2]
-        dtype, device = inputs_embeds.dtype, inputs_embeds.device
+        dtype = inputs_embeds.dtype
 
         cache = past_key_values if isinstance(past_key_values, GLMKVCache) else None
         if cache is not None:
-            cache.check_compatible(batch, dtype, device)
+            cache.check_compatible(batch, dtype, devices)
             cache.check_capacity(seq)
             past_length = cache.get_seq_length()
         else:
             past_length = 0 if past_key_values is None else past_key_values[0][0].shape[0] - (self.pre_seq_len or 0)
         first = past_length == 0
-        if first and input_ids is None and (attention_mask is None or attention_mask.dim() == 2 or
-                                            position_ids is None):
-            raise ValueError("with inputs_embeds and no input_ids, pass a bool attention_mask and position_ids")
-        pad = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            pad = glm_inputs.left_padding(attention_mask, batch, past_length + seq)
-        context = None
-        if first and input_ids is not None and (attention_mask is None or attention_mask.dim() == 2):
-            context = glm_inputs.context_lengths(input_ids, cfg.bos_token_id)
-        elif cache is not None:
-            context = cache.context
-        if position_ids is None:
-            if not first:
-                raise ValueError("position_ids are required with past_key_values (e.g. [[mask_position], "
-                                 "[block_position]] per row for the next token)")
-            position_ids = glm_inputs.get_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
-                                                       cfg.gmask_token_id, pad=pad)
-        self._check_positions(position_ids, batch, seq, past_length)
-        attention_mask = self._glm_mask(attention_mask, pad, context, batch, seq, past_length)
+        position_ids, attention_mask, mask_on = self._step_inputs(input_ids, position_ids, attention_mask, cache,
+                                                                  batch, seq, past_length, check)
 
+        prompt_device = devices[0]
         if cache is not None:
             if first:
-                cache.context = context
+                glm = attention_mask if isinstance(attention_mask, GLMMask) else None
+                cache.set_mask(glm, padded=glm is not None and bool(glm.pad.any()))  # one host sync, first step only
                 if not cache.prefix_written:
-                    cache.write_prefix(self.get_prompt(batch, device, dtype))
+                    cache.write_prefix(self.get_prompt(batch, prompt_device, dtype))
             layer_pasts = [CacheSlot(cache, i) for i in range(self.num_layers)]
         elif past_key_values is not None:
             layer_pasts = past_key_values
         elif self.pre_seq_len is not None:
-            layer_pasts = self.get_prompt(batch, device, dtype)
+            layer_pasts = [tuple(t.to(d) for t in kv)
+                           for kv, d in zip(self.get_prompt(batch, prompt_device, dtype), devices)]
         else:
             layer_pasts = (None,) * self.num_layers
 
-        rotary = ops.rotary_table(cfg.max_sequence_length, self.hidden_size_per_attention_head // 2, dtype,
-                                  device)
-        backend = cfg.kernel_backend
+        # positions, mask and rotary tables: moved / looked up once per device, shared by every layer there
+        on_device = {}
+
+        def inputs_on(d):
+            if d not in on_device:
+                on_device[d] = (position_ids.to(d), mask_on(d), self.rotary_table(dtype, d))
+            return on_device[d]
+
+        backend = ops.kernel_plan(cfg.kernel_backend, inputs_embeds.device)  # asked once per device (cached)
         hidden_states, residual = inputs_embeds.transpose(0, 1), None
         presents = () if use_cache else None
         all_attentions = () if output_attentions else None
         all_hidden_states = () if output_hidden_states else None
         for i, layer in enumerate(self.layers):
+            if hidden_states.device != devices[i]:  # a block boundary between devices
+                hidden_states = hidden_states.to(devices[i])
+                residual = None if residual is None else residual.to(devices[i])
             if output_hidden_states:
                 all_hidden_states += (hidden_states if residual is None else hidden_states * ALPHA + residual,)
-            args = (hidden_states, position_ids, attention_mask, rotary, layer_pasts[i], use_cache,
+            layer_positions, layer_mask, rotary = inputs_on(devices[i])
+            args = (hidden_states, layer_positions, layer_mask, rotary, layer_pasts[i], use_cache,
                     output_attentions, backend, residual)
             if self.gradient_checkpointing and self.training:
                 hidden_states, residual, present, probs = self._gradient_checkpointing_func(layer.__call__, *args)
@@ -427,6 +474,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             cache.advance(seq)
             presents = cache if use_cache else None
         ln = self.final_layernorm
+        ln_device = execution_device(ln, ln.weight)
+        if hidden_states.device != ln_device:
+            hidden_states, residual = hidden_states.to(ln_device), residual.to(ln_device)
         hidden_states = ops.residual_layer_norm(hidden_states, residual, ALPHA, ln.weight, ln.bias, ln.eps,
                                                 backend=backend)
         if output_hidden_states:
@@ -435,6 +485,43 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             return tuple(v for v in (hidden_states, presents, all_hidden_states, all_attentions) if v is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=presents,
                                        hidden_states=all_hidden_states, attentions=all_attentions)
+
+    def _step_inputs(self, input_ids, position_ids, attention_mask, cache, batch, seq, past_length, check):
+        """`(position_ids, mask, mask_on)`: the positions, the mask for the attention op (a `GLMMask`, a bool
+        mask or None) and `mask_on(device)` giving it on a layer's device.
+
+        A step after the first with a `GLMKVCache` and no mask takes the mask the
+        cache keeps (built at the first step, moved to each device once per
+        cache): nothing is built or read on the host. One new token then sees
+        every key that is not left padding, so an unpadded batch needs no mask.
+        """
+        cfg = self.config
+        first = past_length == 0
+        if first and input_ids is None and (attention_mask is None or attention_mask.dim() == 2 or
+                                            position_ids is None):
+            raise ValueError("with inputs_embeds and no input_ids, pass a bool attention_mask and position_ids")
+        if position_ids is None and not first:
+            raise ValueError("position_ids are required with past_key_values (e.g. [[mask_position], "
+                             "[block_position]] per row for the next token)")
+        if cache is not None and not first and attention_mask is None and cache.mask is not None:
+            self._check_positions(position_ids, batch, seq, past_length, check)
+            if seq == 1 and not cache.padded:
+                return position_ids, None, lambda device: None
+            return position_ids, cache.mask, cache.mask_on
+        pad = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            pad = glm_inputs.left_padding(attention_mask, batch, past_length + seq, check)
+        context = None
+        if first and input_ids is not None and (attention_mask is None or attention_mask.dim() == 2):
+            context = glm_inputs.context_lengths(input_ids, cfg.bos_token_id)
+        elif cache is not None:
+            context = cache.context
+        if position_ids is None:
+            position_ids = glm_inputs.get_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
+                                                       cfg.gmask_token_id, pad=pad)
+        self._check_positions(position_ids, batch, seq, past_length, check)
+        mask = self._glm_mask(attention_mask, pad, context, batch, seq, past_length, recognise=check or first)
+        return position_ids, mask, lambda device: None if mask is None else mask.to(device)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationMixin):
@@ -479,6 +566,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         logits_to_keep=0,
         skip_logits: Optional[bool] = None,
         num_items_in_batch=None,
+        check_inputs: Optional[bool] = None,
         **kwargs,
     ):
         """As `ChatGLMModel.forward`, plus `labels [b, s]` (-100 = ignored) for the shifted LM loss.
@@ -496,6 +584,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         `num_items_in_batch` (passed by transformers' Trainer under gradient
         accumulation / several processes): the loss is the sum over labelled
         tokens divided by it instead of their mean.
+        `check_inputs`: see `ChatGLMModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None:
@@ -510,8 +599,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            check_inputs=check_inputs,
         )
-        hidden_states = outputs.last_hidden_state
+        hidden_states = outputs.last_hidden_state.to(execution_device(self.lm_head, self.lm_head.weight))
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: logits_to_keep must be 0")
         logits = loss = None

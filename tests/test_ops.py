@@ -158,3 +158,25 @@ def test_attention_inference_path_matches_reference(dtype):
         assert_fp32_close(out, ref32, 1e-4, "inference attention fp32")  # attention rule
     else:
         assert_lowp_close(out, reflow, ref32, f"inference attention {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + LOWP)
+def test_attention_inference_path_with_fully_masked_rows(dtype):
+    # left padding without a prefix: padded query rows see no key; the original attends uniformly to every key.
+    # The fused inference path must give that row the mean of v, decided on the device (no host sync).
+    from sync_counter import count_syncs
+
+    q, k, v, mask = _attn_inputs(7, 12)
+    mask[1, :, 4, :] = True  # a second fully masked row, in the other batch row
+    lowp = [t.to(dtype) for t in (q, k, v)]
+    with torch.no_grad(), count_syncs() as syncs:
+        out, probs = ops.glm_attention(*lowp, 5, mask, backend="torch")
+    assert probs is None and sum(syncs.values()) == 0, dict(syncs)
+    ref32, _ = reference.attention_core(q, k, v, mask, 5)
+    reflow, _ = reference.attention_core(*lowp, mask, 5)
+    if dtype == torch.float32:
+        assert_fp32_close(out, ref32, 1e-4, "inference attention, fully masked rows")  # attention rule
+    else:
+        assert_lowp_close(out, reflow, ref32, f"inference attention, fully masked rows {dtype}")
+    uniform = v[:, 0].mean(0).to(dtype).float()
+    assert torch.allclose(out[1, 0].view(4, 64).float(), uniform, atol=2e-2 if dtype != torch.float32 else 1e-5)

@@ -14,23 +14,28 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..backend import dispatch, register
+from ..backend import call, register
 from .mask import GLMMask
 from .softmax import scaled_masked_softmax
 
 
 def _fused_inference(q, k, v, mask):
-    """Inference without the probabilities: PyTorch's fused attention, when no row is fully masked.
+    """Inference without the probabilities: PyTorch's fused attention.
 
     Equal to the original's arithmetic up to rounding (scores in fp32 instead of
     the model dtype): masked keys get zero weight either way. A fully masked row
-    (the original gives it a uniform distribution) takes the exact path instead.
+    (left padding without a prefix) gets the original's uniform distribution over
+    every key: its mask is lifted and its query zeroed, so all its scores are 0.
+    Decided on the device (no host sync: this runs in every layer of every step).
     """
-    if mask is not None and bool(mask.all(dim=-1).any()):
-        return None
-    ctx = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-                                         attn_mask=None if mask is None else ~mask)
-    sq, b, nh, hd = q.shape
+    q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+    visible = None
+    if mask is not None:
+        full = mask.all(dim=-1, keepdim=True)  # [b or 1, 1, sq, 1]
+        visible = ~mask | full
+        q = q.masked_fill(full, 0.0)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    b, nh, sq, hd = ctx.shape
     return ctx.permute(2, 0, 1, 3).reshape(sq, b, nh * hd)
 
 
@@ -42,9 +47,7 @@ def _attention_torch(q, k, v, layer_id, mask, output_attentions, past_k=None, pa
         mask = mask.dense(q.shape[0], k.shape[0])
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not output_attentions and not grads:
-        ctx = _fused_inference(q, k, v, mask)
-        if ctx is not None:
-            return ctx, None
+        return _fused_inference(q, k, v, mask), None
     sq, b, nh, hd = q.shape
     coeff = float(layer_id + 1)
     q = q / (math.sqrt(hd) * coeff)
@@ -72,4 +75,4 @@ def glm_attention(q, k, v, layer_id: int, mask, output_attentions: bool = False,
     Returns:
         `(context [sq, b, nh*hd], probs [b, nh, sq, past + sk_new] or None)`.
     """
-    return dispatch("attention", q.device, backend)(q, k, v, layer_id, mask, output_attentions, past_k, past_v)
+    return call("attention", q.device, backend, q, k, v, layer_id, mask, output_attentions, past_k, past_v)

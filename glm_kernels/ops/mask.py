@@ -10,6 +10,12 @@ start of the padded row). Query token `t_q` may attend:
   (`causal` and `t_k <= t_q`)); without `causal`, every non-padding token.
 This is exactly the boolean mask the original builds with `get_masks` (and
 its tokenizer pads with True on the left), prefix columns prepended.
+
+A `GLMMask` is built once per forward (or, for the steps of a generation, once
+per `GLMKVCache`) and handed unchanged to every layer: `pad` and `context` are
+stored as contiguous int32 on their device, the form the attention kernels
+read, so no layer converts or copies them, and `to(device)` returns the same
+mask when it is already there.
 """
 from __future__ import annotations
 
@@ -25,6 +31,14 @@ class GLMMask:
     context: torch.Tensor  # int32/int64 [b]
     causal: bool = True
     _dense: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in ("pad", "context"):
+            t = getattr(self, name)
+            if t.dtype != torch.int32 or not t.is_contiguous():
+                object.__setattr__(self, name, t.to(torch.int32).contiguous())
+        if self.pad.device != self.context.device:
+            raise ValueError(f"GLMMask: pad is on {self.pad.device}, context on {self.context.device}")
 
     @property
     def batch(self) -> int:
@@ -43,8 +57,10 @@ class GLMMask:
         return ~torch.cat((prefix, visible.expand(self.batch, sq, T)), dim=2)[:, None]
 
     def dense(self, sq: int, sk: int) -> torch.Tensor:
-        """`materialize(sq, sk)`, built once per mask: every layer of a forward shares it."""
+        """`materialize(sq, sk)`, built once per forward: every layer shares it (only the last size is kept,
+        so a mask reused over the steps of a generation holds one dense mask, not one per step)."""
         if (sq, sk) not in self._dense:
+            self._dense.clear()
             self._dense[(sq, sk)] = self.materialize(sq, sk)
         return self._dense[(sq, sk)]
 
@@ -65,5 +81,13 @@ class GLMMask:
         rebuilt = candidate.materialize(sq, prefix_len + T)[..., prefix_len:]
         return candidate if torch.equal(rebuilt, mask) else None
 
-    def to(self, device) -> GLMMask:
-        return GLMMask(self.prefix_len, self.pad.to(device), self.context.to(device), self.causal)
+    @property
+    def device(self) -> torch.device:
+        return self.pad.device
+
+    def to(self, device, non_blocking: bool = False) -> GLMMask:
+        """This mask on `device` (itself when it is already there, keeping its dense form)."""
+        if self.pad.device == torch.device(device):
+            return self
+        return GLMMask(self.prefix_len, self.pad.to(device, non_blocking=non_blocking),
+                       self.context.to(device, non_blocking=non_blocking), self.causal)
