@@ -24,8 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
 
+# Merges the run into benchmarks/results/<device>.json/.csv and plots <device>.png; README tables:
+# `glm-kernels bench-table --update README.md`. BENCH_ARGS: e.g. -k rope --bench-note "what else ran".
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks --benchmark-only
+	$(BIN)/python -m pytest benchmarks --benchmark-only --bench-results benchmarks/results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

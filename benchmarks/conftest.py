@@ -1,63 +1,54 @@
-"""Benchmark setup: times are reported as ratios against the reference measured in the same run.
+"""Benchmark setup: glm_kernels against the reference, measured in the same run, kept as data.
 
-Each benchmark sets `benchmark.group` to the case and `benchmark.extra_info["impl"]`
-to "glm_kernels" or "reference"; after the run a table of medians and
-reference / glm_kernels ratios (> 1 means glm_kernels is faster) is printed;
-cases that record `extra_info["peak_mib"]` also get a table of peak memory
-(reference / glm_kernels, > 1 means glm_kernels needs less), and those that
-record `extra_info["loss"]` a table of both losses.
+Every case times each implementation through `timing.measure` (do_bench on CUDA, pytest-benchmark on the
+CPU), which records the impl, device, device name and dtype. After the run a table of medians and
+reference / glm_kernels ratios (> 1 means glm_kernels is faster) is printed, with peak memory (reference /
+glm_kernels, > 1 means glm_kernels needs less) and first-step losses where a case records them.
+
+`--bench-results DIR` (`make bench`: benchmarks/results) also merges the run into DIR/<device>.json and .csv
+and plots it to DIR/<device>.png (`glm_kernels.tools.bench_table`, which renders the README's tables from
+those files); `--bench-note TEXT` is stored with the run (e.g. what else loaded the machine).
 """
+import datetime
+import os
+
 import torch
 
+from glm_kernels.tools import bench_table
+
 torch.set_num_threads(max(1, torch.get_num_threads()))
+_START = {}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("glm_kernels benchmark results")
+    group.addoption("--bench-results", default=None, metavar="DIR",
+                    help="merge this run's cases into DIR/<device>.json/.csv and plot DIR/<device>.png")
+    group.addoption("--bench-note", default="", help="free text stored with the run in the results file")
+
+
+def pytest_sessionstart(session):
+    _START.update(time=datetime.datetime.now(datetime.timezone.utc), load=os.getloadavg())
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    groups = {}
-    for bench in session.benchmarks:
-        impl = bench.extra_info.get("impl")
-        if impl and bench.stats:
-            groups.setdefault(bench.group, {})[impl] = bench.stats.median
-    rows = [(g, v.get("glm_kernels"), v.get("reference")) for g, v in sorted(groups.items())]
-    if not rows:
+    run = bench_table.run_info(_START["time"], _START["load"], config.getoption("bench_note"),
+                               "pytest " + " ".join(config.invocation_params.args))
+    run_id = run["started"]
+    cases = bench_table.cases_from_benchmarks(session.benchmarks, run_id, run)
+    if not cases:
         return
     tr = terminalreporter
     tr.write_sep("-", "glm_kernels vs reference (median, same run)")
-    tr.write_line(f"{'case':<48} {'glm_kernels ms':>15} {'reference ms':>13} {'speedup':>8}")
-    for group, ours, ref in rows:
-        ratio = f"{ref / ours:.2f}x" if ours and ref else "-"
-        fmt = lambda t: f"{t * 1e3:.3f}" if t else "-"  # noqa: E731
-        tr.write_line(f"{group:<48} {fmt(ours):>15} {fmt(ref):>13} {ratio:>8}")
-    floors = {}
-    for bench in session.benchmarks:
-        if "floor_ms" in bench.extra_info:
-            floors[bench.group.rsplit(" ", 1)[-1]] = (bench.extra_info["floor_ms"], bench.extra_info["bandwidth_gbs"])
-    peaks = {}
-    for bench in session.benchmarks:
-        impl = bench.extra_info.get("impl")
-        if impl and "peak_mib" in bench.extra_info:
-            peaks.setdefault(bench.group, {})[impl] = bench.extra_info["peak_mib"]
-    if peaks:
-        tr.write_sep("-", "peak memory above the inputs (MiB), glm_kernels vs reference")
-        tr.write_line(f"{'case':<48} {'glm_kernels MiB':>15} {'reference MiB':>13} {'ratio':>8}")
-        for group, v in sorted(peaks.items()):
-            ours, ref = v.get("glm_kernels"), v.get("reference")
-            ratio = f"{ref / ours:.1f}x" if ours and ref else "-"
-            fmt = lambda m: f"{m:.0f}" if m is not None else "-"  # noqa: E731
-            tr.write_line(f"{group:<48} {fmt(ours):>15} {fmt(ref):>13} {ratio:>8}")
-    losses = {}
-    for bench in session.benchmarks:
-        impl = bench.extra_info.get("impl")
-        if impl and "loss" in bench.extra_info:
-            losses.setdefault(bench.group, {})[impl] = bench.extra_info["loss"]
-    if losses:
-        tr.write_sep("-", "loss of the first step (same weights and batch), glm_kernels vs reference")
-        for group, v in sorted(losses.items()):
-            tr.write_line(f"{group:<48} {v.get('glm_kernels', float('nan')):>15.6f} "
-                          f"{v.get('reference', float('nan')):>13.6f}")
-    for dtype, (floor, bandwidth) in sorted(floors.items()):
-        tr.write_line(f"decode weight-bandwidth floor {dtype}: {floor:.1f} ms/token "
-                      f"(weights read per token / measured read bandwidth {bandwidth:.1f} GB/s)")
+    for suite in dict.fromkeys(c["suite"] for c in cases):
+        tr.write_line(bench_table.render_table({"machine": bench_table.machine_of(cases), "runs": {run_id: run},
+                                                "cases": cases}, suite))
+        tr.write_line("")
+    directory = config.getoption("bench_results")
+    if directory:
+        written = bench_table.save(cases, run_id, run, directory)
+        tr.write_line(f"results: {', '.join(map(str, written))}" if written else
+                      "results: nothing written (no case has both implementations timed)")

@@ -1,4 +1,4 @@
-"""Decode ms/token at context 128, 1024 and 2048, and prefill of 1024 tokens, on the CPU path.
+"""Decode ms/token at context 128, 1024 and 2048, and prefill of 1024 tokens (on a GPU when there is one).
 
 A mid-size random ChatGLM (hidden 2048, 8 layers, 16 heads of 128, vocabulary
 130528), glm_kernels (preallocated cache, fused ops API) against the
@@ -8,20 +8,21 @@ values to the context length (decode cost does not depend on their values).
 
 Decode reads every weight once per token, so `bytes of weights / read
 bandwidth` is the floor; the bandwidth is measured here with a large `sum`
-and printed with the floor after the table.
+and recorded with the floor in each decode case (the table's last columns).
 """
 import os
-import time
 
 import pytest
 import torch
 
 from glm_kernels import ChatGLMConfig, ChatGLMForConditionalGeneration, reference
 from glm_kernels.cache import GLMKVCache
+from timing import best_seconds, measure
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIG = dict(hidden_size=2048, num_layers=8, num_attention_heads=16, inner_hidden_size=8192,
               max_sequence_length=2304)
 CONTEXTS = [128, 1024, 2048]
@@ -33,7 +34,7 @@ def model_for(dtype):
     if dtype not in _MODELS:
         torch.manual_seed(0)
         with torch.no_grad():
-            model = ChatGLMForConditionalGeneration(ChatGLMConfig(**CONFIG)).to(dtype).eval()
+            model = ChatGLMForConditionalGeneration(ChatGLMConfig(**CONFIG)).to(dtype).to(DEVICE).eval()
         _MODELS.clear()  # one model in memory at a time
         _MODELS[dtype] = model
     return _MODELS[dtype]
@@ -47,16 +48,8 @@ def weight_bytes_per_token(model):
 
 @pytest.fixture(scope="session")
 def read_bandwidth():
-    x = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
-    x.sum()
-    best = min(_timed(lambda: x.sum()) for _ in range(5))
-    return x.numel() * 4 / best
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    x = torch.ones(256 * 2**20, dtype=torch.float32, device=DEVICE)  # 1 GiB
+    return x.numel() * 4 / best_seconds(lambda: x.sum(), DEVICE)
 
 
 @pytest.mark.parametrize("context", CONTEXTS)
@@ -67,32 +60,32 @@ def test_decode_token(benchmark, impl, dtype_name, context, read_bandwidth):
     model = model_for(dtype)
     cfg = model.config
     nh, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    token = torch.tensor([[5]])
-    position_ids = torch.tensor([[[context - 5], [5]]])
+    token = torch.tensor([[5]], device=DEVICE)
+    position_ids = torch.tensor([[[context - 5], [5]]], device=DEVICE)
     floor_ms = weight_bytes_per_token(model) / read_bandwidth * 1e3
-    benchmark.group = f"decode 1 token at context {context} {dtype_name}"
-    benchmark.extra_info.update(impl=impl, floor_ms=floor_ms, bandwidth_gbs=read_bandwidth / 1e9)
     with torch.no_grad():
         if impl == "glm_kernels":
-            cache = GLMKVCache(cfg, batch_size=1, max_length=context + 64, dtype=dtype)
+            cache = GLMKVCache(cfg, batch_size=1, max_length=context + 64, dtype=dtype, device=DEVICE)
+            prompt = torch.tensor([[5, 6, cfg.gmask_token_id, cfg.bos_token_id]], device=DEVICE)
+            model(prompt, past_key_values=cache)  # the first forward sets what the cache keeps of the rows
             for layer in cache.layers:
                 layer.keys[:, :, :context].normal_()
                 layer.values[:, :, :context].normal_()
             cache.filled = context
-            cache.context = torch.tensor([context // 2])
 
             def step():
                 model(token, position_ids=position_ids, past_key_values=cache)
                 cache.filled -= 1  # keep the context fixed across rounds
         else:
             params = dict(model.state_dict())
-            past = [tuple(torch.randn(context, 1, nh, hd, dtype=dtype) for _ in range(2))
+            past = [tuple(torch.randn(context, 1, nh, hd, dtype=dtype, device=DEVICE) for _ in range(2))
                     for _ in range(cfg.num_layers)]
 
             def step():
                 reference.lm_forward(params, cfg, token, position_ids=position_ids, past_key_values=past)
 
-        benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+        measure(benchmark, f"decode 1 token at context {context} {dtype_name}", impl, step, device=DEVICE,
+                dtype=dtype, rounds=5, floor_ms=floor_ms, bandwidth_gbs=read_bandwidth / 1e9)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -103,15 +96,15 @@ def test_prefill_1024(benchmark, impl, dtype_name):
     cfg = model.config
     ids = torch.randint(0, 130000, (1, 1024))
     ids[0, 1000], ids[0, 1001] = cfg.gmask_token_id, cfg.bos_token_id
-    benchmark.group = f"prefill 1024 tokens {dtype_name}"
-    benchmark.extra_info["impl"] = impl
+    ids = ids.to(DEVICE)
     with torch.no_grad():
         if impl == "glm_kernels":
             def run():
-                model(ids, past_key_values=GLMKVCache(cfg, 1, 1100, dtype=dtype), logits_to_keep=1)
+                model(ids, past_key_values=GLMKVCache(cfg, 1, 1100, dtype=dtype, device=DEVICE), logits_to_keep=1)
         else:
             params = dict(model.state_dict())
 
             def run():
                 reference.lm_forward(params, cfg, ids)
-        benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+        measure(benchmark, f"prefill 1024 tokens {dtype_name}", impl, run, device=DEVICE, dtype=dtype, rounds=2,
+                warmup_rounds=0)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from glm_kernels import ops
 from memory import peak_mib
+from timing import measure
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
@@ -57,6 +58,6 @@ def make_step(impl, dtype_name):
 def test_lm_loss_forward_backward(benchmark, impl, dtype_name):
     step = make_step(impl, dtype_name)
     step()  # warm-up
-    benchmark.group = f"lm loss+bwd {N}x{HIDDEN} vocab {VOCAB} {dtype_name}"
-    benchmark.extra_info.update(impl=impl, peak_mib=peak_mib("test_lm_loss", "make_step", impl, dtype_name))
-    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
+    measure(benchmark, f"lm loss+bwd {N}x{HIDDEN} vocab {VOCAB} {dtype_name}", impl, step, device=DEVICE,
+            dtype=dtype_name, rounds=3, warmup_rounds=0,
+            peak_mib=peak_mib("test_lm_loss", "make_step", impl, dtype_name))

@@ -1,8 +1,11 @@
-"""Whole-model forward and P-Tuning forward+backward, glm_kernels (CPU path) vs the reference."""
+"""Whole-model forward and P-Tuning forward+backward, glm_kernels vs the reference (on a GPU when there is one)."""
 import pytest
 import torch
 
 from glm_kernels import ChatGLMConfig, ChatGLMForConditionalGeneration, reference
+from timing import measure
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # 6B head shape (head dim 128, 2D rotary) scaled to what a 2-core CPU runs in a benchmark.
 CONFIG = dict(vocab_size=8192, hidden_size=1024, num_layers=4, num_attention_heads=8, inner_hidden_size=4096,
@@ -14,14 +17,14 @@ SEQ = 256
 def _model(dtype, pre_seq_len=None):
     torch.manual_seed(0)
     cfg = ChatGLMConfig(**CONFIG, pre_seq_len=pre_seq_len)
-    return ChatGLMForConditionalGeneration(cfg).to(dtype).eval()
+    return ChatGLMForConditionalGeneration(cfg).to(dtype).to(DEVICE).eval()
 
 
 def _ids(cfg):
     ids = torch.randint(0, 7990, (1, SEQ))
     ids[0, SEQ // 2] = cfg.gmask_token_id
     ids[0, SEQ // 2 + 1] = cfg.bos_token_id
-    return ids
+    return ids.to(DEVICE)
 
 
 @pytest.mark.parametrize("impl", ["glm_kernels", "reference"])
@@ -30,13 +33,14 @@ def test_prefill_forward(benchmark, impl, dtype):
     model = _model(dtype)
     ids = _ids(model.config)
     params = dict(model.state_dict())
-    benchmark.group = f"forward {SEQ} tokens {str(dtype)[6:]}"
-    benchmark.extra_info["impl"] = impl
+    if impl == "glm_kernels":
+        def run():
+            return model(ids, use_cache=False)
+    else:
+        def run():
+            return reference.lm_forward(params, model.config, ids)
     with torch.no_grad():
-        if impl == "glm_kernels":
-            benchmark(lambda: model(ids, use_cache=False))
-        else:
-            benchmark(lambda: reference.lm_forward(params, model.config, ids))
+        measure(benchmark, f"forward {SEQ} tokens {str(dtype)[6:]}", impl, run, device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("impl", ["glm_kernels", "reference"])
@@ -46,8 +50,6 @@ def test_ptuning_forward_backward(benchmark, impl):
     labels = ids.clone()
     params = dict(model.state_dict())
     prefix_keys = [k for k in params if "prefix_encoder" in k]
-    benchmark.group = f"p-tuning fwd+bwd {SEQ} tokens fp32"
-    benchmark.extra_info["impl"] = impl
 
     def ours():
         model.zero_grad()
@@ -59,4 +61,5 @@ def test_ptuning_forward_backward(benchmark, impl):
             p[k] = params[k].detach().requires_grad_()
         reference.lm_forward(p, model.config, ids, labels=labels)[1].backward()
 
-    benchmark.pedantic(ours if impl == "glm_kernels" else ref, rounds=3, iterations=1, warmup_rounds=1)
+    measure(benchmark, f"p-tuning fwd+bwd {SEQ} tokens fp32", impl, ours if impl == "glm_kernels" else ref,
+            device=DEVICE, dtype=torch.float32, rounds=3)

@@ -11,6 +11,7 @@ import torch
 
 from glm_kernels import ops, reference
 from glm_kernels.ops.mask import GLMMask
+from timing import measure
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
@@ -25,17 +26,15 @@ def _name(dtype):
     return str(dtype).replace("torch.", "")
 
 
-def _run(benchmark, group, impl, fn, backward):
-    benchmark.group = group + (" fwd+bwd" if backward else " fwd")
-    benchmark.extra_info["impl"] = impl
+def _run(benchmark, group, impl, fn, backward, dtype):
     if backward:
         def step():
             out = fn()
             out.backward(torch.ones_like(out))
-        benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+        measure(benchmark, group + " fwd+bwd", impl, step, device=DEVICE, dtype=dtype, rounds=5)
     else:
         with torch.no_grad():
-            benchmark(fn)
+            measure(benchmark, group + " fwd", impl, fn, device=DEVICE, dtype=dtype)
 
 
 def _leaf(*shape, dtype, grad):
@@ -59,7 +58,8 @@ def test_rope(benchmark, impl, dtype, backward):
         q, k = reference.rotary_2d(q, k, pos)
         return q + k + v if backward else q
 
-    _run(benchmark, f"rope {S} tokens {_name(dtype)}", impl, ours if impl == "glm_kernels" else ref, backward)
+    _run(benchmark, f"rope {S} tokens {_name(dtype)}", impl, ours if impl == "glm_kernels" else ref, backward,
+         dtype)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -77,7 +77,7 @@ def test_attention_prefill(benchmark, impl, dtype, backward):
         return reference.attention_core(q, torch.cat((pk, k)), torch.cat((pv, v)), mask.materialize(S, S + P), 13)[0]
 
     _run(benchmark, f"attention {S}+{P} keys {_name(dtype)}", impl, ours if impl == "glm_kernels" else ref,
-         backward)
+         backward, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
@@ -94,7 +94,7 @@ def test_attention_decode(benchmark, impl, dtype):
         return reference.attention_core(q, torch.cat((pk, k)), torch.cat((pv, v)), None, 13)[0]
 
     _run(benchmark, f"attention decode 1 over {P}+{ctx} {_name(dtype)}", impl,
-         ours if impl == "glm_kernels" else ref, False)
+         ours if impl == "glm_kernels" else ref, False, dtype)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -112,7 +112,7 @@ def test_residual_layernorm(benchmark, impl, dtype, backward):
         return torch.nn.functional.layer_norm(x * reference.ALPHA + r, (hidden,), w, b, 1e-5)
 
     _run(benchmark, f"residual layernorm {S}x{hidden} {_name(dtype)}", impl, ours if impl == "glm_kernels" else ref,
-         backward)
+         backward, dtype)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -130,7 +130,7 @@ def test_bias_gelu(benchmark, impl, dtype, backward):
         return reference.gelu(x + bias)
 
     _run(benchmark, f"bias gelu {S // 4}x{inner} {_name(dtype)}", impl, ours if impl == "glm_kernels" else ref,
-         backward)
+         backward, dtype)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
@@ -147,4 +147,4 @@ def test_scaled_masked_softmax(benchmark, impl, dtype, backward):
         return torch.softmax(scores.masked_fill(mask, -10000.0).float() * 13.0, dim=-1).to(dtype)
 
     _run(benchmark, f"softmax {NH}x{S}x{S + P} {_name(dtype)}", impl, ours if impl == "glm_kernels" else ref,
-         backward)
+         backward, dtype)

@@ -21,6 +21,7 @@ import torch
 
 from glm_kernels import ChatGLMConfig, ChatGLMForConditionalGeneration, reference
 from memory import peak_mib
+from timing import measure
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
@@ -73,8 +74,6 @@ def step_fn(impl, model):
         loss = loss_fn()
         loss.backward()
         optimizer.step()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
         return loss
 
     return loss_fn, step
@@ -95,10 +94,9 @@ def test_ptuning_step(benchmark, impl, dtype_name):
     with torch.no_grad():
         _LOSSES[(impl, dtype_name)] = float(loss_fn())  # same initial prefix for both paths
     step()  # warm-up: allocates the optimizer state, outside the memory measurement
-    benchmark.group = f"P-Tuning step 4x128 + prefix 128, {dtype_name}"
-    benchmark.extra_info.update(impl=impl, peak_mib=peak_mib("test_ptune_step", "make_step", impl, dtype_name),
-                                loss=_LOSSES[(impl, dtype_name)])
-    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=0)  # steps vary by 10-30% on this machine
+    measure(benchmark, f"P-Tuning step 4x128 + prefix 128, {dtype_name}", impl, step, device=DEVICE,
+            dtype=dtype_name, rounds=5, warmup_rounds=0,  # steps vary by 10-30% on this machine
+            peak_mib=peak_mib("test_ptune_step", "make_step", impl, dtype_name), loss=_LOSSES[(impl, dtype_name)])
     with torch.no_grad():
         prefix.copy_(start)  # the other path starts from the same prefix
     other = ("reference" if impl == "glm_kernels" else "glm_kernels", dtype_name)

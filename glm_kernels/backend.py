@@ -324,6 +324,28 @@ def support_table() -> str:
     return "\n".join(lines)
 
 
+def support_summary() -> str:
+    """Markdown for the README: per GPU generation and dtype, the path automatic mode takes at 6B shapes.
+
+    The same decisions as `support_table`, one cell per dtype ("Triton" when every op runs its kernel, else the
+    ops that run PyTorch and why).
+    """
+    rows = [line.split(" | ") for line in support_table().splitlines()[2:]]
+    names = [c.strip(" |`") for c in support_table().splitlines()[0].split(" | ")[3:]]
+    cells: dict = {}
+    for gpu, target, dtype, *paths in rows:
+        torch_ops = [f"`{op}`" for op, path in zip(names, paths) if not path.strip(" |").startswith("Triton")]
+        reasons = sorted({path.strip(" |")[len("PyTorch ("):-1] for path in paths
+                          if not path.strip(" |").startswith("Triton")})
+        cells.setdefault((gpu.strip("| "), target), []).append(
+            "Triton" if not torch_ops else f"Triton; {', '.join(torch_ops)} PyTorch ({'; '.join(reasons)})")
+    lines = ["| GPU | target | " + " | ".join(DTYPE_NAMES[d] for d in TABLE_DTYPES) + " |",
+             "|---|---|" + "---|" * len(TABLE_DTYPES)]
+    for (gpu, target), per_dtype in cells.items():
+        lines.append(f"| {gpu} | {target} | " + " | ".join(per_dtype) + " |")
+    return "\n".join(lines)
+
+
 def _six_b_calls() -> dict:
     """Representative calls of each op at ChatGLM-6B's shapes (meta tensors), for the support table."""
     from .ops.mask import GLMMask

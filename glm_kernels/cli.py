@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tools.chat import add_parser as add_chat_parser
 
     add_chat_parser(sub)
+    from .tools.bench_table import add_parser as add_bench_table_parser
+
+    add_bench_table_parser(sub)
     # Listed for --help only: `main` hands everything after "ptune" to THUDM's argument parser unchanged.
     sub.add_parser("ptune", add_help=False,
                    help="P-Tuning v2 train/evaluate/predict with THUDM's ptuning/main.py arguments "

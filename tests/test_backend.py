@@ -133,6 +133,10 @@ def test_support_table_in_the_docs_is_current():
     doc = (Path(__file__).parent.parent / "docs" / "kernels.md").read_text()
     assert table in doc, "docs/kernels.md: paste glm_kernels.backend.support_table() (python -c 'from " \
                          "glm_kernels.backend import support_table; print(support_table())')"
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    summary = backend.support_summary()
+    assert summary.count("\n") == len(TARGETS) + 1 and "| T4, RTX 20xx | sm_75 | Triton; `attention` PyTorch" in summary
+    assert summary in readme, "README.md: paste glm_kernels.backend.support_summary()"
 
 
 def test_glm_mask_meta_call_is_supported():

@@ -1,0 +1,91 @@
+"""The one place the benchmarks time anything, so that no case times asynchronous CUDA launches.
+
+`measure(benchmark, group, impl, fn, device=..., dtype=...)` times `fn()` as one implementation
+("glm_kernels" or "reference") of the case `group`:
+
+- CUDA: `triton.testing.do_bench`, which records CUDA events around every call, synchronises the device
+  before reading them and flushes the L2 cache between calls. Its per-call times go into the
+  pytest-benchmark fixture, so medians, `--benchmark-json` and the ratio tables read alike on both devices.
+- CPU: pytest-benchmark as before: `benchmark(fn)` calibrates rounds itself; `rounds=` for slow steps.
+
+It also records what the results files need in `benchmark.extra_info` (impl, device, device name, dtype,
+timing method, 1-minute load average). `best_seconds(fn, device)` is the fastest of a few calls, for probes such as the read
+bandwidth behind the decode floor. `tests/test_benchmarks_meta.py` checks that every benchmark case goes
+through here and nothing else in `benchmarks/` reads a clock, and runs the CUDA branch on a fake do_bench.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+DO_BENCH = "triton.testing.do_bench"
+PYTEST_BENCHMARK = "pytest-benchmark"
+DO_BENCH_WARMUP_MS, DO_BENCH_REP_MS = 25, 100
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (`platform.processor()` elsewhere)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def dtype_name(dtype) -> str:
+    return dtype if isinstance(dtype, str) else _DTYPES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _do_bench(fn, **kwargs):
+    from triton.testing import do_bench  # looked up per call: the tests patch it
+
+    return do_bench(fn, warmup=DO_BENCH_WARMUP_MS, rep=DO_BENCH_REP_MS, **kwargs)
+
+
+def measure(benchmark, group, impl, fn, *, device, dtype, rounds=None, warmup_rounds=1, **extra):
+    """Time `fn()` into the pytest-benchmark fixture as `impl` of case `group`; `extra` goes to extra_info.
+
+    `rounds`/`warmup_rounds` apply on the CPU (None: pytest-benchmark calibrates); do_bench sizes its own.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, device=device.type, device_name=device_name(device),
+                                dtype=dtype_name(dtype), timing=DO_BENCH if cuda else PYTEST_BENCHMARK,
+                                load=round(os.getloadavg()[0], 2), **extra)
+    if not cuda:
+        if rounds is None:
+            return benchmark(fn)
+        return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    if benchmark.disabled:  # --benchmark-disable: run once, as pytest-benchmark does
+        return fn()
+    times_ms = _do_bench(fn, return_mode="all")
+    # Hand the per-call times to the fixture as pedantic would have measured them (pytest-benchmark 4-5 API).
+    benchmark._mode = DO_BENCH
+    stats = benchmark._make_stats(1)
+    for t in times_ms:
+        stats.update(t / 1e3)
+    return None
+
+
+def best_seconds(fn, device, repeats: int = 5) -> float:
+    """The fastest call of `fn()` in seconds (after one warm-up call on the CPU; do_bench warms up itself)."""
+    if torch.device(device).type == "cuda":
+        return _do_bench(fn, return_mode="min") / 1e3
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
