@@ -547,11 +547,11 @@ _ZEROS: dict = {}
 
 
 def _zeros(b: int, device: torch.device) -> torch.Tensor:
-    """A `[b]` int32 zero tensor on `device`, made once (the pad and context of a mask-free call: every layer
-    of every decode step would otherwise allocate and fill one). Never written by the kernels."""
+    """A `[2, b]` int32 zero tensor on `device`, made once: rows 0 and 1 are the pad and context of a mask-free
+    call (every layer of every decode step would otherwise allocate and fill one). Never written by the kernels."""
     key = (b, torch.device(device))
     if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros(b, dtype=torch.int32, device=device)
+        _ZEROS[key] = torch.zeros(2, b, dtype=torch.int32, device=device)
     return _ZEROS[key]
 
 
@@ -559,7 +559,7 @@ def _prepare_mask(mask, b, sq, La, L, device):
     """(MASK_MODE, pad, ctx, P, causal, mask_u8, stride_mb, stride_mq, stride_mk)."""
     if mask is None:  # every key visible: the GLM mask whose prefix is every column, not causal
         zeros = _zeros(b, device)
-        return MASK_GLM, zeros, zeros, L, 0, zeros, 0, 0, 0
+        return MASK_GLM, zeros[0], zeros[1], L, 0, zeros, 0, 0, 0
     if isinstance(mask, GLMMask):
         if mask.prefix_len > L:
             raise ValueError(f"GLMMask.prefix_len={mask.prefix_len} exceeds the {L} keys")
