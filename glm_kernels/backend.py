@@ -308,7 +308,8 @@ def support_table() -> str:
     """
     _load_triton_kernels()
     calls = _six_b_calls()
-    names = [op for op in ("rope", "attention", "softmax", "layernorm", "gelu", "lm_loss") if op in _REGISTRY]
+    names = [op for op in ("rope", "attention", "softmax", "layernorm", "gelu", "lm_loss", "quant_linear")
+             if op in _REGISTRY]
     lines = ["| GPU | target | dtype | " + " | ".join(f"`{op}`" for op in names) + " |",
              "|---|---|---|" + "---|" * len(names)]
     for sm, info in TARGETS.items():
@@ -366,4 +367,7 @@ def _six_b_calls() -> dict:
         "layernorm": lambda dtype: (meta(128, 1, 4096, dtype=dtype), None, 1.0, meta(4096, dtype=dtype),
                                     meta(4096, dtype=dtype), 1e-5, False),
         "gelu": lambda dtype: (meta(128, 1, 16384, dtype=dtype), meta(16384, dtype=dtype)),
+        # a decode step of the 4-bit query_key_value projection (THUDM layout: [out, in/2] int8, fp16 scale)
+        "quant_linear": lambda dtype: (meta(1, 1, 4096, dtype=dtype), meta(12288, 2048, dtype=torch.int8),
+                                       meta(12288, dtype=torch.float16), 4, meta(12288, dtype=dtype)),
     }

@@ -2,8 +2,9 @@
 and sm_90 (fp16, bf16, fp32, with the argument specialisations that occur at run time) without spills and within
 each target's shared memory per block.
 
-About 6 minutes on 2 cores with a cold Triton cache; what is compiled once for several targets is in
-docs/kernels.md ("What the compile proof prunes").
+About 6 minutes on 2 cores with a cold Triton cache, plus 6.5-7.5 for the 650 compiles of the weight-only
+quant_linear kernels (measured alone, `compile-report --kernel quant_linear`); what is compiled once for several
+targets is in docs/kernels.md ("What the compile proof prunes").
 """
 import os
 import subprocess
@@ -17,7 +18,8 @@ from glm_kernels.tools.compile_report import SHARED_LIMIT
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 KERNELS = ("_rope_qkv_kernel", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_delta", "_attn_decode_partial",
            "_attn_decode_combine", "_softmax_fwd_kernel", "_softmax_bwd_kernel", "_ln_fwd_kernel", "_ln_bwd_kernel",
-           "_gelu_fwd_kernel", "_gelu_bwd_kernel", "_ce_rows_kernel")
+           "_gelu_fwd_kernel", "_gelu_bwd_kernel", "_ce_rows_kernel", "_qgemv_kernel", "_qgemv_reduce", "_qgemm_kernel",
+           "_qgemm_dx_kernel")
 
 
 def _table(text: str, title: str) -> list[list[str]]:

@@ -3,13 +3,14 @@
 Modules: rope (2D rotary + KV write), attention (flash-style GLM attention and
 split-K decoding), softmax (scaled masked softmax), layernorm (alpha-residual
 LayerNorm), gelu (bias + tanh GeLU), cross_entropy (the in-place cross-entropy
-of one LM-head logits chunk, for the fused LM head + loss).
+of one LM-head logits chunk, for the fused LM head + loss), quant_linear
+(weight-only INT8/INT4 linear: decode GEMV with split K, GEMM, input gradient).
 """
 from __future__ import annotations
 
 import importlib
 
-MODULES = ("rope", "attention", "softmax", "layernorm", "gelu", "cross_entropy")
+MODULES = ("rope", "attention", "softmax", "layernorm", "gelu", "cross_entropy", "quant_linear")
 
 
 def load_all() -> list:

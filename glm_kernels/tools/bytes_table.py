@@ -19,10 +19,17 @@ like softmax.
 Shapes: hidden 4096, 32 heads of 128, MLP 16384, fp16, batch 1; prefill =
 1024 tokens after a P-Tuning prefix of 128; decode = one token over 128 +
 1024 cached keys.
+
+A second table (`quant_linear_table`) holds the weight-only INT8/INT4 linear
+layers at one decode token: the GEMV's formula against the minimum (packed
+weights, scales, bias, x and the output once each) and against THUDM's
+quantized linear (`extract_weight_to_half` writes the whole fp16 weight,
+`mm` reads it back, then the bias add), counted the same way.
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -96,6 +103,63 @@ def gelu_bytes(N, n, e):
 
     P = math.ceil(N / rows_per_program(N))
     return N * n * e + P * n * e, N * n * e, N * n * e + n * e + N * n * e
+
+
+QUANT_LAYERS = (("query_key_value", 4096, 12288), ("dense", 4096, 4096), ("dense_h_to_4h", 4096, 16384),
+                ("dense_4h_to_h", 16384, 4096))  # (name, in, out) of the quantized linears of one 6B layer
+
+
+def quant_linear_decode_bytes(M, N, K, bits, e, e_s=2, bias=True):
+    """(loaded, stored, minimum) of one `quant_linear` call on M <= 8 rows (`_qgemv_kernel`, plus `_qgemv_reduce`
+    when K is split): N outputs, K inputs, element sizes e of x, e_s of the scale."""
+    from ..kernels.quant_linear import gemv_config
+
+    cfg = gemv_config(M, N, K)
+    blocks, splits = cfg["blocks"], cfg["splits"]
+    weights, x, out = N * K * bits // 8, M * K * e, M * N * e
+    epilogue = N * (e_s + e * bias)  # the scale and bias of each output, read once per row of x it finishes
+    loaded = weights + blocks * x  # every output block reads all of x (over its K splits)
+    stored = out
+    if splits == 1:
+        loaded += epilogue
+    else:
+        partials = splits * M * N * 4
+        loaded += partials + M * epilogue
+        stored += partials
+    return loaded, stored, weights + x + epilogue + out
+
+
+def quant_linear_unfused_bytes(M, N, K, bits, e=2, e_s=2, bias=True):
+    """(read, written) of THUDM's quantized linear: `extract_weight_to_half` (packed weights and scales in, the fp16
+    weight out), `inp.mm(weight.t())`, then `output + bias`; each op reading its inputs and writing its output once."""
+    w16 = N * K * 2
+    read = N * K * bits // 8 + N * e_s + (w16 + M * K * e) + (M * N * e + N * e) * bias
+    written = w16 + M * N * e + M * N * e * bias
+    return read, written
+
+
+def quant_linear_table(rows: int = 1) -> str:
+    """Markdown: bytes of each quantized linear of one ChatGLM-6B layer at a decode step of `rows` tokens (fp16 x,
+    fp16 scales, with bias), INT8 and INT4, and the sum over the four."""
+    mb = 1e-6
+    lines = ["| layer (in -> out) | bits | fused loaded (MB) | fused stored (MB) | minimum (MB) | fused / minimum | "
+             "unfused read (MB) | unfused written (MB) | unfused / fused |", "|---|---|---|---|---|---|---|---|---|"]
+    for bits in (8, 4):
+        totals = [0, 0, 0, 0, 0]
+        for name, k, n in QUANT_LAYERS:
+            loaded, stored, minimum = quant_linear_decode_bytes(rows, n, k, bits, 2)
+            read, written = quant_linear_unfused_bytes(rows, n, k, bits)
+            for i, v in enumerate((loaded, stored, minimum, read, written)):
+                totals[i] += v
+            lines.append(_quant_row(f"{name} ({k} -> {n})", bits, loaded, stored, minimum, read, written, mb))
+        lines.append(_quant_row("all four", bits, *totals, mb))
+    return "\n".join(lines)
+
+
+def _quant_row(name, bits, loaded, stored, minimum, read, written, mb) -> str:
+    return (f"| {name} | {bits} | {loaded * mb:.2f} | {stored * mb:.2f} | {minimum * mb:.2f} | "
+            f"{(loaded + stored) / minimum:.2f}x | {read * mb:.2f} | {written * mb:.2f} | "
+            f"{(read + written) / (loaded + stored):.1f}x |")
 
 
 # ----------------------------------------------------------------------------- unfused reference (measured)
@@ -232,8 +296,12 @@ def table() -> str:
 
 
 def main(args) -> int:
-    text = table()
+    quant = "Weight-only quantized linears, decode (1 token, fp16 x and scales, with bias), per layer:"
+    text = f"{table()}\n\n{quant}\n\n{quant_linear_table()}"
     print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+    if args.markdown:  # atomically: a reader never sees half a table
+        path = Path(args.markdown)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
     return 0
