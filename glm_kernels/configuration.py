@@ -23,7 +23,12 @@ class ChatGLMConfig(PretrainedConfig):
             130000 ([MASK]), 130001 ([gMASK]), 3.
         pre_seq_len: P-Tuning v2 prefix length, or None for no prefix.
         prefix_projection: encode the prefix through a 2-layer MLP.
-        quantization_bit: 0. Quantized checkpoints are not supported.
+        quantization_bit: 0 (none), 8 or 4: THUDM's weight-only quantization of
+            the four linears of every block (`QuantizedLinear`: int8 `weight` +
+            fp16 `weight_scale`, as `chatglm-6b-int8`/`-int4` store them);
+            see docs/quantization.md.
+        quantization_embeddings: False. With quantization_bit, also quantize
+            the word embeddings and the LM head (THUDM's `quantize_embeddings`).
         tie_word_embeddings: True: `lm_head.weight` is
             `transformer.word_embeddings.weight`, as in the original.
         kernel_backend: None (choose by device), "torch" or "triton"; see
@@ -54,6 +59,7 @@ class ChatGLMConfig(PretrainedConfig):
         inner_hidden_size: int = 16384,
         position_encoding_2d: bool = True,
         quantization_bit: int = 0,
+        quantization_embeddings: bool = False,
         pre_seq_len: int | None = None,
         prefix_projection: bool = False,
         tie_word_embeddings: bool = True,
@@ -72,6 +78,7 @@ class ChatGLMConfig(PretrainedConfig):
         self.gmask_token_id = gmask_token_id
         self.position_encoding_2d = position_encoding_2d
         self.quantization_bit = quantization_bit
+        self.quantization_embeddings = quantization_embeddings
         self.pre_seq_len = pre_seq_len
         self.prefix_projection = prefix_projection
         self.kernel_backend = kernel_backend
@@ -109,11 +116,17 @@ class ChatGLMConfig(PretrainedConfig):
                 "ChatGLMConfig.position_encoding_2d=False is not supported: glm_kernels implements "
                 "ChatGLM-6B's 2D rotary positions only"
             )
-        if self.quantization_bit:
-            raise ValueError(
-                f"ChatGLMConfig.quantization_bit={self.quantization_bit} is not supported: load the "
-                "fp16 checkpoint (quantization_bit=0)"
-            )
+        bits = self.quantization_bit
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (0, 4, 8):
+            raise ValueError(f"ChatGLMConfig.quantization_bit={bits!r} is not supported: 0 (no quantization), 8 or 4 "
+                             "(THUDM's weight-only INT8 / INT4)")
+        if bits == 4:
+            for name in ("hidden_size", "inner_hidden_size"):
+                if getattr(self, name) % 2:
+                    raise ValueError(f"ChatGLMConfig.quantization_bit=4 packs two columns per byte: {name}="
+                                     f"{getattr(self, name)} must be even")
+        if self.quantization_embeddings and not bits:
+            raise ValueError("ChatGLMConfig.quantization_embeddings=True needs quantization_bit 4 or 8")
         if self.pre_seq_len is not None and (
             not isinstance(self.pre_seq_len, int) or isinstance(self.pre_seq_len, bool) or self.pre_seq_len <= 0
         ):

@@ -63,9 +63,9 @@ IGNORED_ARGS = {
 }
 # refused unless given the harmless value shown
 REFUSED_ARGS = {
-    "quantization_config": (None, "quantized loading is not supported: load the fp16 checkpoint"),
-    "load_in_8bit": (False, "quantized loading is not supported: load the fp16 checkpoint"),
-    "load_in_4bit": (False, "quantized loading is not supported: load the fp16 checkpoint"),
+    "quantization_config": (None, "quantization is THUDM's weight-only scheme: pass quantization_bit=8 or 4"),
+    "load_in_8bit": (False, "quantization is THUDM's weight-only scheme: pass quantization_bit=8"),
+    "load_in_4bit": (False, "quantization is THUDM's weight-only scheme: pass quantization_bit=4"),
     "from_tf": (False, "only PyTorch checkpoints (.bin, .safetensors) are read"),
     "from_flax": (False, "only PyTorch checkpoints (.bin, .safetensors) are read"),
     "gguf_file": (None, "only PyTorch checkpoints (.bin, .safetensors) are read"),
@@ -131,15 +131,29 @@ def _load_bin(path: Path) -> dict:
     return state
 
 
-def shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of one weight file, reading headers only where the format allows."""
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def shard_headers(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Key -> (shape, dtype) of one weight file, reading headers only where the format allows."""
     if _is_safetensors(path):
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                out = {}
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype()))
+                return out
         except Exception as err:
             raise ValueError(f"cannot read checkpoint file {path}: {err}") from err
-    return {k: tuple(v.shape) for k, v in _load_bin(path).items()}
+    return {k: (tuple(v.shape), v.dtype) for k, v in _load_bin(path).items()}
+
+
+def shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of one weight file, reading headers only where the format allows."""
+    return {k: shape for k, (shape, _) in shard_headers(path).items()}
 
 
 def shard_tensors(path: Path):
@@ -269,21 +283,27 @@ def from_pretrained(cls, name_or_path, config=None, dtype=None, ptuning_checkpoi
     config.validate_model_shape()
     dtype = _resolve_dtype(dtype, config)
     files = checkpoint_files(directory, use_safetensors)
+    if config.quantization_bit and device_map is not None:
+        raise TypeError(f"from_pretrained(device_map=...) with quantization_bit={config.quantization_bit} is not "
+                        "supported: load the quantized model on one device (device=...)")
 
     with torch.device("meta"):
         model = cls(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    dtypes: dict[str, torch.dtype | None] = {}
     for file in files:
-        for raw_key, shape in shard_shapes(file).items():
+        for raw_key, (shape, tensor_dtype) in shard_headers(file).items():
             key = _rename_for(model, raw_key)
             if key is None:
                 continue
             if key in found:
                 raise ValueError(f"key {raw_key} appears in both {found[key][0]} and {file}")
             found[key] = (file, shape)
+            dtypes[key] = tensor_dtype
 
-    _check_keys(model, config, expected, found, strict)
+    quantized = _quantized_sources(model, config, found, dtypes)
+    _check_keys(model, config, expected, found, strict, quantized)
     model.to(dtype)
     plan = None
     if device_map is None:
@@ -297,18 +317,29 @@ def from_pretrained(cls, name_or_path, config=None, dtype=None, ptuning_checkpoi
     _reset_buffers(model)
     if getattr(config, "tie_word_embeddings", True):
         model.tie_weights()
-    params = model.state_dict(keep_vars=True)
+    # the parameters themselves (state_dict() would convert a CPU-packed quantized weight into a copy)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update((k, v) for k, v in model.named_buffers(remove_duplicate=False) if k in expected)
     on_disk = set() if plan is None else {k for k in params if placement.device_of(k, plan) == "disk"}
     offload_index = {}
     loaded = set()
+    partners = {}
+    for a, b in (("transformer.word_embeddings.weight", "lm_head.weight"),
+                 ("transformer.word_embeddings.weight_scale", "lm_head.weight_scale")):
+        if a in params and params.get(b) is params[a]:
+            partners[a], partners[b] = b, a
     with torch.no_grad():
         for file in files:
             for raw_key, tensor in shard_tensors(file):
                 key = _rename_for(model, raw_key)
                 if key is None or key not in params or INV_FREQ.search(key):
                     continue
-                if key == "lm_head.weight" and "lm_head.weight" in loaded:
+                if key in loaded and key in _TIED_KEYS:
                     continue  # tied to word_embeddings, already loaded from it
+                owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+                if owner in quantized and leaf in ("weight", "weight_scale"):
+                    _load_quantized(model.get_submodule(owner), owner, leaf, tensor, quantized[owner], loaded, partners)
+                    continue
                 tied_head = key.endswith("word_embeddings.weight") and params.get("lm_head.weight") is params[key]
                 if key in on_disk:  # written to the offload folder as it is read
                     _offload(tensor.to(dtype), [key] + (["lm_head.weight"] if tied_head else []), offload_folder,
@@ -320,6 +351,8 @@ def from_pretrained(cls, name_or_path, config=None, dtype=None, ptuning_checkpoi
                     loaded.add("lm_head.weight")
             # tensors of this shard go out of scope here, unmapping its file
     _initialise_unloaded(model, params, loaded, on_disk)
+    if config.quantization_bit:
+        model.settle_quantized()  # re-tie a quantized head, repack int4 weights for the CPU kernel
     if ptuning_checkpoint is not None:
         load_ptuning_checkpoint(model, ptuning_checkpoint)
     model.eval()
@@ -378,15 +411,95 @@ def _dispatch(model, plan, offload_folder, offload_index, offload_buffers) -> No
     model.hf_device_map = dict(plan)
 
 
-def _check_keys(model, config, expected, found, strict):
+_TIED_KEYS = ("lm_head.weight", "lm_head.weight_scale")
+
+
+def _quantized_sources(model, config, found, dtypes) -> dict[str, str]:
+    """For each quantized module (by name): "quantized" when the checkpoint holds THUDM's int8 `weight` +
+    `weight_scale`, "float" when it holds a floating `weight` to quantize while loading. Raises `ValueError`
+    naming the key when the checkpoint's layout does not match `config.quantization_bit`."""
+    from .quant.layout import stored_shape
+    from .quant.modules import quantized_modules
+
+    scales = sorted(k for k in found if k.endswith(".weight_scale"))
+    if scales and not config.quantization_bit:
+        key = scales[0]
+        stored = found.get(key[:-len("_scale")], (None, ()))[1]
+        raise ValueError(f"the checkpoint is quantized ({key} in {found[key][0]}, weight {list(stored)}) but "
+                         "config.quantization_bit is 0: its config.json should say quantization_bit 4 or 8 (or pass "
+                         "quantization_bit= to from_pretrained)")
+    sources = {}
+    for name, module in quantized_modules(model):
+        wkey, skey = f"{name}.weight", f"{name}.weight_scale"
+        if wkey not in found:
+            continue  # missing keys (or a tied head stored once) are _check_keys' business
+        file, shape = found[wkey]
+        tensor_dtype = dtypes.get(wkey)
+        bits, rows, columns = module.bits, module.rows, module.columns
+        want = stored_shape(rows, columns, bits)
+        if tensor_dtype is not None and tensor_dtype.is_floating_point:
+            if skey in found:
+                raise ValueError(f"{skey} is in {found[skey][0]} but {wkey} in {file} is {tensor_dtype}: a quantized "
+                                 "weight is stored as int8")
+            if shape != (rows, columns):
+                raise ValueError(f"{wkey} in {file} has shape {list(shape)}, the model expects a floating "
+                                 f"[{rows}, {columns}] weight (quantized to {bits} bits while loading) or THUDM's "
+                                 f"int8 {list(want)}")
+            sources[name] = "float"
+            continue
+        if tensor_dtype != torch.int8:
+            raise ValueError(f"{wkey} in {file} is {tensor_dtype}: expected THUDM's int8 {list(want)} with "
+                             f"quantization_bit={bits}, or a floating weight to quantize")
+        if skey not in found:
+            raise ValueError(f"{wkey} in {file} is int8 (quantized) but the checkpoint has no {skey}: THUDM's layout "
+                             "stores both")
+        other = 12 - bits
+        if shape != want:
+            if shape == stored_shape(rows, columns, other):
+                raise ValueError(f"{wkey} in {file} is int8 {list(shape)}: the checkpoint is quantized to {other} "
+                                 f"bits but config.quantization_bit={bits} (a quantized checkpoint is loaded with its "
+                                 "own bits)")
+            raise ValueError(f"{wkey} in {file} has shape {list(shape)}, the model expects int8 {list(want)} "
+                             f"(quantization_bit={bits})")
+        scale_file, scale_shape = found[skey]
+        scale_dtype = dtypes.get(skey)
+        if scale_shape != (rows,) or scale_dtype is None or not scale_dtype.is_floating_point:
+            raise ValueError(f"{skey} in {scale_file} is {scale_dtype} {list(scale_shape)}, the model expects a "
+                             f"floating (fp16) [{rows}]")
+        sources[name] = "quantized"
+    return sources
+
+
+def _load_quantized(module, name, leaf, tensor, source, loaded, partners) -> None:
+    """Write one checkpoint tensor into a quantized module: THUDM's int8 / scale as they are, or a floating
+    weight quantized on the way in (its scale is computed with it). `partners`: key -> the tied key sharing
+    its parameter (a quantized head tied to the quantized embeddings), loaded with it."""
+    if source == "float":
+        module.quantize_from(tensor, f"{name}.weight")
+        keys = {f"{name}.weight", f"{name}.weight_scale"}
+    elif leaf == "weight":
+        module.set_weight(tensor, f"{name}.weight")
+        keys = {f"{name}.weight"}
+    else:
+        module.set_scale(tensor, f"{name}.weight_scale")
+        keys = {f"{name}.weight_scale"}
+    loaded.update(keys | {partners[k] for k in keys if k in partners})
+
+
+def _check_keys(model, config, expected, found, strict, quantized=None):
+    quantized = quantized or {}
     tied = getattr(config, "tie_word_embeddings", True)
     embed = "transformer.word_embeddings.weight" if "lm_head.weight" in expected else "word_embeddings.weight"
     optional = {k for k in expected if INV_FREQ.search(k)}
+    # a floating weight quantized while loading brings its own weight_scale
+    optional |= {f"{name}.weight_scale" for name, source in quantized.items() if source == "float"}
     prefix_keys = {k for k in expected if "prefix_encoder." in k}
     if prefix_keys and not (prefix_keys & found.keys()):
         optional |= prefix_keys  # a base checkpoint for P-Tuning: the prefix encoder starts fresh
     if tied and "lm_head.weight" in expected and (embed in found or "lm_head.weight" in found):
         optional |= {"lm_head.weight", embed}
+        if "lm_head.weight_scale" in expected:  # a quantized tied head: either copy of the pair
+            optional |= {"lm_head.weight_scale", embed + "_scale"}
     missing = expected.keys() - found.keys() - optional
     unexpected = {k for k in found.keys() - expected.keys() if not INV_FREQ.search(k)}
     if strict and (missing or unexpected):
@@ -400,8 +513,9 @@ def _check_keys(model, config, expected, found, strict):
         files = sorted({str(f) for f, _ in found.values()})
         raise ValueError(f"checkpoint ({', '.join(files)}) does not match {type(model).__name__}: "
                          + "; ".join(parts))
+    checked = {f"{name}.{leaf}" for name in quantized for leaf in ("weight", "weight_scale")}
     for key, (file, shape) in found.items():
-        if key in expected and shape != expected[key]:
+        if key in expected and key not in checked and shape != expected[key]:
             raise ValueError(f"{key} in {file} has shape {list(shape)}, the model expects {list(expected[key])}"
                              + _shape_hint(key, shape, config))
 

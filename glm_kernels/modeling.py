@@ -7,6 +7,7 @@ batch-first `[b, s, vocab]`.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple, Optional
 
@@ -24,10 +25,26 @@ from .generation import ChatGLMGenerationMixin
 from .ops.mask import GLMMask
 from .ops.rotary import inv_freq
 from .placement import execution_device
+from .quant.layout import check_bits
+from .quant.modules import (BLOCK_LINEARS, QuantizedEmbedding, QuantizedLinear, is_quantized, linear,
+                            quantized_modules)
+
+logger = logging.getLogger(__name__)
+
+# THUDM's quantize(**kwargs) options for its own CPU kernels: accepted, without effect here.
+THUDM_QUANTIZE_ARGS = {"use_quantization_cache", "parallel_num", "kernel_file", "cpu_kernel_code",
+                       "compile_parallel_kernel", "quantized_weight_path"}
 
 # The original GLMBlock's `num_layers` argument defaults to 28 and ChatGLMModel
 # never passes config.num_layers: alpha is sqrt(56) for every config.
 ALPHA = math.sqrt(2 * 28)
+
+
+def make_linear(config: ChatGLMConfig, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+    """One of the block's linears: `nn.Linear`, or THUDM's `QuantizedLinear` when `config.quantization_bit` is set."""
+    if config.quantization_bit:
+        return QuantizedLinear(in_features, out_features, config.quantization_bit, bias=bias)
+    return nn.Linear(in_features, out_features, bias=bias)
 
 
 class PrefixEncoder(nn.Module):
@@ -92,12 +109,12 @@ class SelfAttention(nn.Module):
         self.num_attention_heads = config.num_attention_heads
         self.hidden_size_per_attention_head = h // config.num_attention_heads
         self.rotary_emb = RotaryEmbedding(self.hidden_size_per_attention_head // 2)
-        self.query_key_value = nn.Linear(h, 3 * h)
-        self.dense = nn.Linear(h, h)
+        self.query_key_value = make_linear(config, h, 3 * h)
+        self.dense = make_linear(config, h, h)
 
     def forward(self, hidden_states, position_ids, attention_mask, rotary, layer_past=None, use_cache=False,
                 output_attentions=False, backend=None):
-        mixed = self.query_key_value(hidden_states)
+        mixed = linear(self.query_key_value, hidden_states, backend)
         if isinstance(layer_past, CacheSlot):
             # New keys and values go straight into the preallocated cache; attention reads it as a view.
             k_out, v_out, k_all, v_all = layer_past.cache.slots(layer_past.layer_idx, hidden_states.shape[0])
@@ -105,7 +122,7 @@ class SelfAttention(nn.Module):
                                    backend=backend)
             context, probs = ops.glm_attention(q, k_all, v_all, self.layer_id, attention_mask, output_attentions,
                                                backend=backend)
-            return self.dense(context), None, probs
+            return linear(self.dense, context, backend), None, probs
         q, k, v = ops.rope_qkv(mixed, position_ids, rotary[0], rotary[1], self.num_attention_heads, backend=backend)
         past_k, past_v = layer_past if layer_past is not None else (None, None)
         context, probs = ops.glm_attention(q, k, v, self.layer_id, attention_mask, output_attentions, past_k, past_v,
@@ -113,7 +130,7 @@ class SelfAttention(nn.Module):
         present = None
         if use_cache:
             present = (k, v) if past_k is None else (torch.cat((past_k, k), dim=0), torch.cat((past_v, v), dim=0))
-        return self.dense(context), present, probs
+        return linear(self.dense, context, backend), present, probs
 
 
 class MLP(nn.Module):
@@ -121,12 +138,14 @@ class MLP(nn.Module):
 
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.dense_h_to_4h = make_linear(config, config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = make_linear(config, config.inner_hidden_size, config.hidden_size)
 
     def forward(self, x, backend=None):
-        inner = ops.bias_gelu(F.linear(x, self.dense_h_to_4h.weight), self.dense_h_to_4h.bias, backend=backend)
-        return self.dense_4h_to_h(inner)
+        # the bias joins the GeLU (one fused op); the product is bias-free for either module type
+        inner = ops.bias_gelu(linear(self.dense_h_to_4h, x, backend, bias=False), self.dense_h_to_4h.bias,
+                              backend=backend)
+        return linear(self.dense_4h_to_h, inner, backend)
 
 
 class GLMBlock(nn.Module):
@@ -169,6 +188,14 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating dtype (the fp16 `weight_scale` of quantized modules, fp16 in every model, aside)."""
+        for name, param in self.named_parameters():
+            if param.is_floating_point() and not name.endswith("weight_scale"):
+                return param.dtype
+        return torch.get_default_dtype()
+
     def _init_weights(self, module: nn.Module) -> None:
         # Modules keep PyTorch's default initialisation; checkpoints overwrite it.
         return
@@ -198,6 +225,85 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         return from_pretrained(cls, pretrained_model_name_or_path, config=config,
                                dtype=dtype if dtype is not None else torch_dtype,
                                ptuning_checkpoint=ptuning_checkpoint, device=device, strict=strict, **kwargs)
+
+    def quantize(self, bits: int, empty_init: bool = False, quantize_embeddings: bool = False, **kwargs):
+        """THUDM's `model.quantize(bits)`: weight-only INT8/INT4 of the four linears of every block, in place.
+
+        Args:
+            bits: 8 or 4 (0 returns the model unchanged, as the original does).
+            empty_init: allocate the quantized weights without computing them
+                (a quantized state dict is loaded next), as the original's.
+            quantize_embeddings: also quantize the word embeddings and the LM
+                head (THUDM's `quantize_embeddings`; with tied embeddings they
+                share one quantized matrix).
+            kwargs: the original's CPU-kernel options (`use_quantization_cache`,
+                `parallel_num`, `kernel_file`, ...) are accepted and ignored;
+                anything else raises `TypeError`.
+        Returns:
+            the model (`config.quantization_bit` and `config.quantization_embeddings` set).
+
+        Weights are quantized on their device one matrix at a time, per output row
+        (`glm_kernels.quant.layout`). A model already quantized, bits other than 4
+        or 8, or a width 4 bits cannot pack raise `ValueError` before anything changes.
+        """
+        unknown = set(kwargs) - THUDM_QUANTIZE_ARGS
+        if unknown:
+            raise TypeError(f"quantize() got unexpected arguments {sorted(unknown)}")
+        for key in kwargs:
+            logger.info("quantize: %s ignored (the original's CPU kernel option; glm_kernels uses PyTorch's "
+                        "kernels)", key)
+        if bits == 0:
+            return self
+        check_bits(bits, "quantize(bits)")
+        if is_quantized(self):
+            raise ValueError(f"the model is already quantized (config.quantization_bit="
+                             f"{self.config.quantization_bit}): quantize() applies once; reload the unquantized "
+                             "weights to quantize with other settings")
+        if bits == 4:
+            for name in ("hidden_size", "inner_hidden_size"):
+                if getattr(self.config, name) % 2:
+                    raise ValueError(f"4-bit quantization packs two columns per byte: ChatGLMConfig.{name}="
+                                     f"{getattr(self.config, name)} must be even")
+        base = getattr(self, self.base_model_prefix, self)
+        head = getattr(self, "lm_head", None)
+        with torch.no_grad():
+            for layer in base.layers:
+                for path in BLOCK_LINEARS:
+                    owner_name, attr = path.rsplit(".", 1)
+                    owner = layer.get_submodule(owner_name)
+                    setattr(owner, attr, QuantizedLinear.from_linear(getattr(owner, attr), bits, empty_init))
+            if quantize_embeddings:
+                embedding = base.word_embeddings
+                base.word_embeddings = QuantizedEmbedding.from_embedding(embedding, bits, empty_init)
+                if head is not None:
+                    tied = getattr(self.config, "tie_word_embeddings", True) and head.weight is embedding.weight
+                    self.lm_head = QuantizedLinear.from_linear(head, bits, empty_init or tied)
+                    if tied:
+                        self.lm_head.set_weight(base.word_embeddings.weight)
+                        self.lm_head.set_scale(base.word_embeddings.weight_scale)
+                        self._tie_quantized_head()
+                        self.lm_head.settle()
+        self.config.quantization_bit = bits
+        self.config.quantization_embeddings = bool(quantize_embeddings)
+        return self
+
+    def _tie_quantized_head(self) -> None:
+        """Tied embeddings and a quantized head share `weight` and `weight_scale` (and say so to transformers)."""
+        if not getattr(self.config, "tie_word_embeddings", True) or not hasattr(self, "lm_head"):
+            return
+        embedding = self.transformer.word_embeddings
+        embedding.tie_to(self.lm_head)
+        self._tied_weights_keys = {**type(self)._tied_weights_keys,
+                                   "lm_head.weight_scale": "transformer.word_embeddings.weight_scale"}
+        if hasattr(self, "all_tied_weights_keys"):
+            self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=False)
+
+    def settle_quantized(self) -> None:
+        """Re-tie a quantized head and put every quantized weight in its device's form (after loading)."""
+        if isinstance(getattr(self, "lm_head", None), QuantizedLinear):
+            self._tie_quantized_head()
+        for _, module in quantized_modules(self):
+            module.settle()
 
     def load_ptuning_checkpoint(self, path) -> None:
         """Load a P-Tuning v2 checkpoint (only `transformer.prefix_encoder.*` keys) into this model."""
@@ -232,7 +338,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.gradient_checkpointing = False
         self._rotary_tables = {}  # (dtype, device) -> (cos, sin): looked up, not rebuilt, in every forward
 
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.quantization_bit and config.quantization_embeddings:
+            self.word_embeddings = QuantizedEmbedding(config.vocab_size, config.hidden_size, config.quantization_bit)
+        else:
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
@@ -540,7 +649,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         self.max_sequence_length = config.max_sequence_length
         self.position_encoding_2d = config.position_encoding_2d
         self.transformer = ChatGLMModel(config, empty_init=empty_init)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.quantization_bit and config.quantization_embeddings:
+            self.lm_head = QuantizedLinear(config.hidden_size, config.vocab_size, config.quantization_bit, bias=False)
+            self._tie_quantized_head()
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
         if config.pre_seq_len is not None:
             self.lm_head.weight.requires_grad = False
@@ -612,7 +725,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
                 kept = hidden_states[-logits_to_keep:] if logits_to_keep > 0 else hidden_states
             else:
                 kept = hidden_states[logits_to_keep.to(hidden_states.device)]
-            logits = self.lm_head(kept).permute(1, 0, 2).contiguous()
+            plan = ops.kernel_plan(self.config.kernel_backend, kept.device)
+            logits = linear(self.lm_head, kept, plan).permute(1, 0, 2).contiguous()
             if labels is not None:
                 shift_logits = logits.float()[:, :-1, :]
                 loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
@@ -640,6 +754,30 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         targets = labels[:, 1:].transpose(0, 1).reshape(-1).to(hidden.device)
         keep = (targets != -100).nonzero().squeeze(1)  # one host sync per training step
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-        total = ops.fused_linear_cross_entropy(rows, self.lm_head.weight, targets.index_select(0, keep),
-                                               reduction="sum", backend=self.config.kernel_backend)
+        if isinstance(self.lm_head, QuantizedLinear):
+            total = self._quantized_head_loss(rows, targets.index_select(0, keep))
+        else:
+            total = ops.fused_linear_cross_entropy(rows, self.lm_head.weight, targets.index_select(0, keep),
+                                                   reduction="sum", backend=self.config.kernel_backend)
         return total / (num_items_in_batch if num_items_in_batch is not None else keep.numel())
+
+    def _quantized_head_loss(self, rows, targets):
+        """Summed fp32 cross-entropy of a quantized head over chunks of rows, each recomputed in the backward
+        (torch.utils.checkpoint), so only one `[chunk, vocab]` logits block exists at a time."""
+        from torch.utils.checkpoint import checkpoint
+
+        from .ops.lm_loss import default_chunk_size
+
+        plan = ops.kernel_plan(self.config.kernel_backend, rows.device)
+
+        def chunk_loss(h, t):
+            logits = linear(self.lm_head, h, plan).float()
+            return F.cross_entropy(logits, t, reduction="sum")
+
+        size = default_chunk_size(rows.shape[0], self.config.vocab_size, rows.device.type)
+        total = rows.new_zeros((), dtype=torch.float32)
+        for start in range(0, rows.shape[0], size):
+            h, t = rows[start:start + size], targets[start:start + size]
+            total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if h.requires_grad
+                             else chunk_loss(h, t))
+        return total

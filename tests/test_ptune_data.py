@@ -171,7 +171,7 @@ def test_missing_file_and_wrong_extension(base, tmp_path, capsys):
     assert ".csv file" in run_bad(base, tmp_path, capsys, tmp_path / "train.txt")
 
 
-def test_quantization_bit_is_refused_clearly(base, tmp_path, capsys):
+def test_quantization_bit_other_than_4_or_8_is_refused_clearly(base, tmp_path, capsys):
     f = write_jsonl(tmp_path / "train.json", ADGEN_ROWS)
-    err = run_bad(base, tmp_path, capsys, f, "--quantization_bit", "4")
-    assert "--quantization_bit 4" in err and "not available" in err
+    err = run_bad(base, tmp_path, capsys, f, "--quantization_bit", "2")
+    assert "--quantization_bit 2: weight-only quantization takes 4 or 8" in err

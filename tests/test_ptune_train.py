@@ -46,8 +46,7 @@ def test_thudm_train_and_evaluate_scripts_run_unchanged(base, data, tmp_path, ca
     train, dev = data
     out = tmp_path / "out"
     argv = args_of(TRAIN_SH, train=train, dev=dev, model=base, out=out)
-    assert main(argv) == 2 and "--quantization_bit 4" in capsys.readouterr().err  # refused until issue 9
-    argv = without(argv, "--quantization_bit")
+    argv = without(argv, "--quantization_bit")  # the float base here; with the flag: tests/test_quant_ptune.py
     # THUDM's 3000 steps x 16 accumulated rows, shortened; every other argument as in train.sh
     assert main(argv + ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1"]) == 0
     for step in (2, 4):

@@ -9,6 +9,7 @@ from .gelu import bias_gelu
 from .layernorm import layer_norm, residual_layer_norm
 from .lm_loss import fused_linear_cross_entropy
 from .mask import GLMMask
+from .quant_linear import quant_linear
 from .rotary import apply_rotary_2d, rope_qkv, rotary_table
 from .softmax import scaled_masked_softmax
 
@@ -20,6 +21,7 @@ __all__ = [
     "glm_attention",
     "kernel_plan",
     "layer_norm",
+    "quant_linear",
     "residual_layer_norm",
     "rope_qkv",
     "rotary_table",

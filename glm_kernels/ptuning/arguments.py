@@ -54,7 +54,8 @@ class ModelArguments:
     resize_position_embeddings: Optional[bool] = field(
         default=None, metadata={"help": "Accepted for THUDM's scripts; unused there too (rotary positions)"})
     quantization_bit: Optional[int] = field(
-        default=None, metadata={"help": "4 or 8: weight-only quantized base (not available yet: refused)"})
+        default=None, metadata={"help": "4 or 8: THUDM's weight-only INT4/INT8 quantization of the frozen base "
+                                        "(quantized while loading; the prefix encoder trains through it)"})
     pre_seq_len: Optional[int] = field(default=None, metadata={"help": "P-Tuning v2 prefix length"})
     prefix_projection: bool = field(default=False, metadata={"help": "Encode the prefix through a 2-layer MLP"})
     torch_dtype: Optional[str] = field(

@@ -40,10 +40,9 @@ def _base_dtype(model_args: ModelArguments, training_args: PTuningTrainingArgume
 def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments,
                     training_args: PTuningTrainingArguments) -> None:
     """Refuse combinations that cannot run, before anything is loaded or written."""
-    if model_args.quantization_bit is not None:
-        raise UsageError(f"--quantization_bit {model_args.quantization_bit}: weight-only INT4/INT8 quantization is "
-                         "not available in glm_kernels yet; drop the flag to P-tune over the float16 base "
-                         "(about 13 GB of GPU memory for ChatGLM-6B)")
+    if model_args.quantization_bit is not None and model_args.quantization_bit not in (4, 8):
+        raise UsageError(f"--quantization_bit {model_args.quantization_bit}: weight-only quantization takes 4 or 8 "
+                         "(THUDM's INT4 / INT8)")
     if training_args.do_train and model_args.pre_seq_len is None:
         raise UsageError("--do_train needs --pre_seq_len: glm-kernels ptune trains a P-Tuning v2 prefix over a "
                          "frozen base (full fine-tuning is not supported)")
@@ -130,6 +129,10 @@ def load_model(model_args: ModelArguments, training_args: PTuningTrainingArgumen
     overrides = {}
     if model_args.pre_seq_len is not None:
         overrides = {"pre_seq_len": model_args.pre_seq_len, "prefix_projection": model_args.prefix_projection}
+    if model_args.quantization_bit is not None:
+        # THUDM's main.py quantizes the loaded model (model.quantize(bits)); here the base is quantized shard by
+        # shard while it loads, never held whole in 16 bits. A checkpoint already quantized keeps its own layout.
+        overrides["quantization_bit"] = model_args.quantization_bit
     config = None
     if model_args.config_name is not None:
         from ..configuration import ChatGLMConfig

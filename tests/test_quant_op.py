@@ -1,0 +1,223 @@
+"""ops.quant_linear ("torch" backend): every CPU path (with and without the C++ extension) against an ordinary
+matmul with the dequantized weights (GLM_SPEC: the reference for weight-only INT8/INT4), gradients, errors, the
+registry."""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from glm_kernels import backend, ops
+from glm_kernels.quant import cpu_ext, cpu_pack
+from glm_kernels.quant.cpu_pack import PackedInt4
+from glm_kernels.quant.layout import quantize_weight
+from helpers import assert_fp32_close, assert_lowp_close
+from test_quant_layout import oracle_decode4
+
+
+ql_module = importlib.import_module("glm_kernels.ops.quant_linear")
+BUILT = cpu_ext.extension() is not None
+
+
+@pytest.fixture(params=["extension", "pytorch"])
+def cpu_path(request, monkeypatch):
+    """Run a test with the C++ extension, and with PyTorch's kernels alone (the extension hidden)."""
+    if request.param == "extension" and not BUILT:
+        pytest.skip("glm_kernels._C is not built")
+    if request.param == "pytorch":
+        monkeypatch.setattr(cpu_ext, "extension", lambda: None)
+    return request.param
+
+
+def test_the_extension_is_built_here():
+    # this machine has a compiler: the build must have produced it (elsewhere the package works without it)
+    assert BUILT, "glm_kernels._C missing: run `pip install --no-build-isolation -e .` (or make install)"
+
+
+def oracle_weight(q, scale, bits) -> torch.Tensor:
+    """W = q * scale from THUDM's bytes, decoded by the test's own reader, in float64."""
+    values = q.numpy() if bits == 8 else oracle_decode4(q.numpy())
+    return torch.from_numpy(values.astype(np.float64)) * scale.double()[:, None]
+
+
+def make(bits, out_features=96, in_features=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, scale = quantize_weight(torch.randn(out_features, in_features, generator=g), bits)
+    bias = torch.randn(out_features, generator=g) * 0.1
+    return q, scale, bias
+
+
+def forms(q, scale, bits):
+    """The weight as the op takes it: THUDM's bytes, and for 4 bits also the CPU-packed form."""
+    yield "thudm", q
+    if bits == 4 and cpu_pack.packable(q.shape[0], q.shape[1] * 2):
+        columns = q.shape[1] * 2
+        yield "packed", PackedInt4(cpu_pack.pack(q), cpu_pack.unit_scales_and_zeros(q.shape[0], columns),
+                                   cpu_pack.group_size(columns))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_fp32_matches_the_dequantized_matmul(bits, with_bias, rows, cpu_path):
+    q, scale, bias = make(bits)
+    bias = bias if with_bias else None
+    x = torch.randn(rows, 256)
+    w = oracle_weight(q, scale, bits)
+    ref = x.double() @ w.t() + (bias.double() if with_bias else 0)
+    for name, weight in forms(q, scale, bits):
+        out = ops.quant_linear(x, weight, scale, bits, bias)
+        assert out.dtype == torch.float32 and out.shape == (rows, 96)
+        assert_fp32_close(out, ref, 1e-4, f"{name} {bits}-bit")  # fp32 rule for matmul-built ops (GLM_SPEC)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, 64])  # 1, 3: the int-weight kernels; 64: dequantized blocks + bf16 matmul
+def test_bf16_follows_the_low_precision_rule(bits, rows, cpu_path):
+    q, scale, bias = make(bits)
+    x = torch.randn(2, rows, 256).to(torch.bfloat16)
+    w = oracle_weight(q, scale, bits)
+    ref32 = x.double() @ w.t() + bias.double()
+    # the low-precision reference: bf16 weights (q * scale rounded) in an ordinary bf16 matmul
+    ref_lowp = torch.nn.functional.linear(x, w.to(torch.bfloat16), bias.to(torch.bfloat16))
+    out = ops.quant_linear(x, q, scale, bits, bias.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, rows, 96)
+    if cpu_path == "pytorch" and rows < ql_module.KERNEL_MAX_ROWS and bits == 8:
+        # PyTorch's int8 kernel returns x @ q^T rounded to bf16 before the fp32 scale is applied: one more
+        # bf16 rounding than the reference has (relative 2^-8 at most)
+        assert_kernel_close(out, ref_lowp, ref32, "int8 bf16 PyTorch kernel")
+    else:
+        assert_lowp_close(out, ref_lowp, ref32, f"{bits}-bit bf16")  # 2 x ref error + 1e-3 x scale
+
+
+def assert_kernel_close(out, ref_lowp, ref32, what):
+    """The low-precision rule plus one more bf16 rounding (2^-8 x |value| at most; the reference's own error
+    can be far below its bound) at max|ref|: PyTorch's int kernels round twice (reason above)."""
+    err = float((out.double() - ref32).abs().max())
+    scale = float(ref32.abs().max())
+    bound = 2 * float((ref_lowp.double() - ref32).abs().max()) + 1e-3 * scale + 2.0 ** -7 * scale
+    assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_bf16_cpu_packed_int4_form(rows):
+    """The repacked form (held without the extension) through PyTorch's int4 kernel."""
+    q, scale, bias = make(4)
+    x = torch.randn(2, rows, 256).to(torch.bfloat16)
+    w = oracle_weight(q, scale, 4)
+    ref32 = x.double() @ w.t() + bias.double()
+    ref_lowp = torch.nn.functional.linear(x, w.to(torch.bfloat16), bias.to(torch.bfloat16))
+    (_, packed), = [f for f in forms(q, scale, 4) if f[0] == "packed"]
+    out = ops.quant_linear(x, packed, scale, 4, bias.to(torch.bfloat16))
+    if rows < ql_module.KERNEL_MAX_ROWS:
+        assert_kernel_close(out, ref_lowp, ref32, "int4 bf16 PyTorch kernel")  # the reason is in the test above
+    else:
+        assert_lowp_close(out, ref_lowp, ref32, "int4 bf16 dequantized blocks")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fp16_follows_the_low_precision_rule(bits, cpu_path):
+    q, scale, bias = make(bits)
+    x = torch.randn(4, 256).half()
+    w = oracle_weight(q, scale, bits)
+    ref32 = x.double() @ w.t()
+    ref_lowp = (x.float() @ w.half().float().t()).half()  # fp16 weights, fp16 output
+    out = ops.quant_linear(x, q, scale, bits)
+    assert out.dtype == torch.float16
+    assert_lowp_close(out, ref_lowp, ref32, f"{bits}-bit fp16")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_blocks_of_rows_cover_the_weight(bits, monkeypatch, cpu_path):
+    monkeypatch.setattr(ql_module, "CHUNK_ELEMENTS", 300)  # 1 row of 256 per block (64 rows: packed blocks)
+    q, scale, bias = make(bits, out_features=240)
+    x = torch.randn(3, 256, requires_grad=True)
+    w = oracle_weight(q, scale, bits)
+    for name, weight in forms(q, scale, bits):
+        out = ops.quant_linear(x, weight, scale, bits, bias)
+        assert_fp32_close(out, x.double() @ w.t() + bias.double(), 1e-4, f"{name} blocks")
+        g = torch.randn_like(out)
+        (grad,) = torch.autograd.grad(out, x, g)
+        assert_fp32_close(grad, g.double() @ w, 1e-4, f"{name} input gradient by blocks")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_reach_x_and_bias_only(bits, dtype, cpu_path):
+    q, scale, bias = make(bits)
+    for name, weight in forms(q, scale, bits):
+        x = torch.randn(2, 3, 256).to(dtype).requires_grad_()
+        b = bias.to(dtype, copy=True).requires_grad_()
+        out = ops.quant_linear(x, weight, scale, bits, b)
+        g = torch.randn_like(out)
+        out.backward(g)
+        w = oracle_weight(q, scale, bits)
+        ref_x = (g.double() @ w)  # dX = dY @ W
+        ref_b = g.double().sum((0, 1))
+        if dtype == torch.float32:
+            assert_fp32_close(x.grad, ref_x, 1e-4, f"{name} dX")  # fp32 rule against the gradient's scale
+            assert_fp32_close(b.grad, ref_b, 1e-5, f"{name} dbias")  # a sum: element-wise rule
+        else:
+            ref_x_lowp = (g.float() @ w.to(dtype).float()).to(dtype)
+            assert_lowp_close(x.grad, ref_x_lowp, ref_x, f"{name} dX bf16")
+            assert_lowp_close(b.grad, g.float().sum((0, 1)).to(dtype), ref_b, f"{name} dbias bf16")
+    assert q.grad is None and scale.grad is None and not q.requires_grad
+
+
+def test_no_autograd_graph_without_gradients():
+    q, scale, _ = make(8)
+    out = ops.quant_linear(torch.randn(2, 256), q, scale, 8)
+    assert out.grad_fn is None
+
+
+def test_empty_rows():
+    q, scale, bias = make(4)
+    out = ops.quant_linear(torch.randn(0, 256), q, scale, 4, bias)
+    assert out.shape == (0, 96)
+
+
+def test_bad_inputs_are_named():
+    q, scale, bias = make(8)
+    x = torch.randn(2, 256)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        ops.quant_linear(x, q, scale, 3)
+    with pytest.raises(ValueError, match=r"x is \[\.\.\., 128\] but the 8-bit weight .* in_features=256"):
+        ops.quant_linear(torch.randn(2, 128), q, scale, 8)
+    with pytest.raises(ValueError, match=r"holds in_features=512"):
+        ops.quant_linear(x, q, scale, 4)  # 8-bit bytes read as 4 bits: twice as wide
+    with pytest.raises(ValueError, match="weight must be THUDM's int8"):
+        ops.quant_linear(x, q.float(), scale, 8)
+    with pytest.raises(ValueError, match=r"scale must be a floating \[out\] = \[96\]"):
+        ops.quant_linear(x, q, scale[:5], 8)
+    with pytest.raises(ValueError, match=r"bias must be None or a floating \[out\] = \[96\]"):
+        ops.quant_linear(x, q, scale, 8, bias[:3])
+    with pytest.raises(ValueError, match="x must be a fp32/fp16/bf16"):
+        ops.quant_linear(x.long(), q, scale, 8)
+    q4, scale4, _ = make(4)
+    packed = PackedInt4(cpu_pack.pack(q4), cpu_pack.unit_scales_and_zeros(96, 256), 256)
+    with pytest.raises(ValueError, match="CPU-packed int4 .* but bits=8"):
+        ops.quant_linear(x, packed, scale4, 8)
+
+
+def test_registered_with_the_backend_switch():
+    assert "torch" in backend.available("quant_linear")
+    assert backend.resolve("quant_linear", "cpu", None) == "torch"
+    q, scale, _ = make(8)
+    x = torch.randn(2, 256)
+    assert torch.equal(ops.quant_linear(x, q, scale, 8, backend="torch"), ops.quant_linear(x, q, scale, 8))
+
+
+
+@pytest.mark.skipif(not BUILT, reason="glm_kernels._C is not built")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("in_features", [100, 4200])  # vector tails; several column blocks per row
+@pytest.mark.parametrize("rows", [1, 2, 7, 9, 17])  # register blocks of 1..8 rows of x, and more than one
+def test_extension_gemv_shapes(bits, in_features, rows):
+    ext = cpu_ext.extension()
+    q, scale, _ = make(bits, out_features=40, in_features=in_features)
+    x = torch.randn(rows, in_features)
+    out = ext.gemv(x, q, scale, bits)
+    assert out.dtype == torch.float32 and out.shape == (rows, 40)
+    assert_fp32_close(out, x.double() @ oracle_weight(q, scale, bits).t(), 1e-5, "gemv")  # one dot product per output
+    w = ext.dequantize(q, scale, bits, 3, 29)
+    assert torch.equal(w.double(), oracle_weight(q, scale, bits)[3:29])  # q x fp16 scale is exact in fp32
