@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")
     mem.set_defaults(func=_cmd_load_memory)
 
-    comp = sub.add_parser("compile-report", help="compile every Triton kernel config for sm_80/sm_90, check spills")
+    comp = sub.add_parser("compile-report", help="compile every Triton kernel config for sm_75, sm_80, sm_86, sm_89 "
+                                                 "and sm_90 (fp16, bf16, fp32), check spills and shared memory")
     comp.add_argument("--kernel", default=None, help="only this kernel module (rope, attention, ...)")
+    comp.add_argument("--target", default=None, help="comma-separated compute capabilities (default: all five)")
     comp.add_argument("--markdown", default=None, help="also write the table to this file")
     comp.set_defaults(func=_cmd_compile_report)
 
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ptune", add_help=False,
                    help="P-Tuning v2 train/evaluate/predict with THUDM's ptuning/main.py arguments "
                         "(glm-kernels ptune --help)")
+    sub.add_parser("quant-report", add_help=False,
+                   help="INT8/INT4 quantization error against the unquantized model: logits and greedy answers "
+                        "(glm-kernels quant-report --help)")
     return parser
 
 
@@ -90,6 +95,10 @@ def main(argv=None) -> int:
         from .ptuning.main import main as ptune_main
 
         return ptune_main(argv[1:])
+    if argv and argv[0] == "quant-report":  # its own parser (glm_kernels/quant/report.py)
+        from .quant.report import main as report_main
+
+        return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

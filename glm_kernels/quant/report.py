@@ -1,7 +1,7 @@
 """Quantization error report: a quantized model against the same model unquantized.
 
-    python -m glm_kernels.quant.report [--model DIR] [--data FILE] [--prompts 16] [--new-tokens 32]
-                                       [--dtype float32] [--bits 8,4]
+    glm-kernels quant-report [--model DIR] [--data FILE] [--prompts 16] [--new-tokens 32]
+                               [--dtype float32] [--bits 8,4]
 
 For bits 8 and 4, with and without the embeddings / LM head quantized
 (`quantization_embeddings`), the model is loaded with `quantization_bit`
@@ -74,7 +74,7 @@ def main(argv=None, out=sys.stdout) -> int:
     from ..modeling import ChatGLMForConditionalGeneration
     from ..tokenization import ChatGLMTokenizer
 
-    p = argparse.ArgumentParser(prog="python -m glm_kernels.quant.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="glm-kernels quant-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(BASE_DIR), help="checkpoint directory (default: the demo's base model)")
     p.add_argument("--data", default=str(DEV_FILE), help="JSON lines with content / summary")
