@@ -35,3 +35,21 @@ def make_model(dtype=torch.float32, **overrides):
 @pytest.fixture
 def cfg():
     return tiny_config()
+
+
+EXTENSION_MISSING = "glm_kernels._C missing: run `pip install --no-build-isolation -e .` (or make install)"
+
+
+@pytest.fixture(params=["extension", "pytorch"])
+def cpu_path(request, monkeypatch):
+    """Run a quantized-CPU test with the C++ extension, and with PyTorch's kernels alone (the extension hidden).
+
+    This machine has a compiler, so the extension must be built (`make test` builds it): missing, the extension
+    case fails instead of skipping (elsewhere the package works without it)."""
+    from glm_kernels.quant import cpu_ext
+
+    if request.param == "extension":
+        assert cpu_ext.extension() is not None, EXTENSION_MISSING
+    else:
+        monkeypatch.setattr(cpu_ext, "extension", lambda: None)
+    return request.param

@@ -24,16 +24,6 @@ BOS, GMASK = 994, 991
 IDS = torch.tensor([[5, 17, 42, GMASK, BOS, 8, 9], [6, 300, 7, GMASK, BOS, 11, 12]])
 LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 VOCAB = 1008  # a multiple of 16: the 4-bit LM head can take the CPU int4 form
-BUILT = cpu_ext.extension() is not None
-
-
-@pytest.fixture(params=["extension", "pytorch"])
-def cpu_path(request, monkeypatch):
-    if request.param == "extension" and not BUILT:
-        pytest.skip("glm_kernels._C is not built")
-    if request.param == "pytorch":
-        monkeypatch.setattr(cpu_ext, "extension", lambda: None)
-    return request.param
 
 
 def fp_model(**overrides):

@@ -11,6 +11,7 @@ from glm_kernels import backend, ops
 from glm_kernels.quant import cpu_ext, cpu_pack
 from glm_kernels.quant.cpu_pack import PackedInt4
 from glm_kernels.quant.layout import quantize_weight
+from conftest import EXTENSION_MISSING
 from helpers import assert_fp32_close, assert_lowp_close
 from test_quant_layout import oracle_decode4
 
@@ -19,19 +20,9 @@ ql_module = importlib.import_module("glm_kernels.ops.quant_linear")
 BUILT = cpu_ext.extension() is not None
 
 
-@pytest.fixture(params=["extension", "pytorch"])
-def cpu_path(request, monkeypatch):
-    """Run a test with the C++ extension, and with PyTorch's kernels alone (the extension hidden)."""
-    if request.param == "extension" and not BUILT:
-        pytest.skip("glm_kernels._C is not built")
-    if request.param == "pytorch":
-        monkeypatch.setattr(cpu_ext, "extension", lambda: None)
-    return request.param
-
-
 def test_the_extension_is_built_here():
     # this machine has a compiler: the build must have produced it (elsewhere the package works without it)
-    assert BUILT, "glm_kernels._C missing: run `pip install --no-build-isolation -e .` (or make install)"
+    assert BUILT, EXTENSION_MISSING
 
 
 def oracle_weight(q, scale, bits) -> torch.Tensor:
@@ -208,11 +199,11 @@ def test_registered_with_the_backend_switch():
 
 
 
-@pytest.mark.skipif(not BUILT, reason="glm_kernels._C is not built")
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("in_features", [100, 4200])  # vector tails; several column blocks per row
 @pytest.mark.parametrize("rows", [1, 2, 7, 9, 17])  # register blocks of 1..8 rows of x, and more than one
 def test_extension_gemv_shapes(bits, in_features, rows):
+    assert BUILT, EXTENSION_MISSING
     ext = cpu_ext.extension()
     q, scale, _ = make(bits, out_features=40, in_features=in_features)
     x = torch.randn(rows, in_features)
