@@ -3,7 +3,6 @@ independent writer, save/load round trips, quantization while loading (and its m
 
 The reference for every quantized model is its "dequantized twin": the unquantized model whose Linear weights
 are q * scale decoded by the test's own reader from the state dict (GLM_SPEC, weight-only INT8/INT4)."""
-import hashlib
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ from conftest import make_model
 from glm_kernels import ChatGLMForConditionalGeneration, ChatGLMModel
 from glm_kernels.quant import QuantizedEmbedding, QuantizedLinear, cpu_ext
 from helpers import assert_fp32_close, assert_lowp_close
+from test_loading import tree_digest
 from test_quant_layout import oracle_decode4, oracle_pack4, oracle_quantize
 
 BOS, GMASK = 994, 991
@@ -257,15 +257,6 @@ def write_thudm_quantized(model, directory, bits, shards=2, fmt="bin"):
     config.pop("dtype", None)
     (directory / "config.json").write_text(json.dumps(config))
     return tensors
-
-
-def tree_digest(directory):
-    h = hashlib.sha256()
-    for p in sorted(directory.rglob("*")):
-        h.update(str(p.relative_to(directory)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
