@@ -8,6 +8,8 @@ import time
 from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
+from ..fileio import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 
@@ -43,13 +45,6 @@ class PTuneProgressCallback(ProgressCallback):
         super().on_log(args, state, control, logs=logs, **kwargs)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 class JsonlLogCallback(TrainerCallback):
     """Appends every log (loss, learning rate, tokens seen, eval metrics) to `output_dir/metrics.jsonl`.
 
@@ -72,7 +67,7 @@ class JsonlLogCallback(TrainerCallback):
                     continue  # a line cut by a kill
                 if entry.get("step", 0) <= state.global_step:
                     kept.append(json.dumps(entry, ensure_ascii=False))
-        _atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -39,6 +39,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..fileio import atomic_write
+
 SCHEMA = 1
 BUSY = 1.25  # a CPU case timed at a load average above this many times the cores is marked noisy
 IMPLS = ("glm_kernels", "reference")
@@ -139,15 +141,6 @@ def merge(old: dict | None, new: dict) -> dict:
             "cases": list(cases.values())}
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_csv(cases: list[dict], path: Path) -> None:
     fields = list(dict.fromkeys(k for case in cases for k in _ordered(case)))
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -168,9 +161,9 @@ def save(cases: list[dict], run_id: str, run: dict, directory) -> list[Path]:
     json_path, csv_path, png_path = (stem.with_suffix(s) for s in (".json", ".csv", ".png"))
     old = load(json_path) if json_path.exists() else None
     data = merge(old, {"machine": machine, "runs": {run_id: run}, "cases": cases})
-    _atomic(json_path, lambda p: p.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
-    _atomic(csv_path, lambda p: _write_csv(data["cases"], p))
-    _atomic(png_path, lambda p: plot(data, p))
+    atomic_write(json_path, lambda p: p.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8"))
+    atomic_write(csv_path, lambda p: _write_csv(data["cases"], p))
+    atomic_write(png_path, lambda p: plot(data, p))
     return [json_path, csv_path, png_path]
 
 
@@ -340,7 +333,7 @@ def main(args) -> int:
             print(f"{readme}: stale tables: {', '.join(stale)}" if stale else f"{readme}: tables up to date")
             return 1 if stale else 0
         if new != text:
-            _atomic(Path(readme), lambda p: p.write_text(new, encoding="utf-8"))
+            atomic_write(Path(readme), lambda p: p.write_text(new, encoding="utf-8"))
         print(f"{readme}: {'updated' if new != text else 'already up to date'}")
         return 0
     if not args.results:
@@ -348,7 +341,7 @@ def main(args) -> int:
         return 2
     data = load(args.results)
     if args.plot:
-        _atomic(Path(args.plot), lambda p: plot(data, p))
+        atomic_write(Path(args.plot), lambda p: plot(data, p))
     suites = [args.suite] if args.suite else list(dict.fromkeys(c["suite"] for c in data["cases"]))
     text = "\n\n".join((f"### {s}\n\n" if len(suites) > 1 else "") + render_table(data, s, args.results)
                        for s in suites)

@@ -29,11 +29,11 @@ quantized linear (`extract_weight_to_half` writes the whole fp16 weight,
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..fileio import atomic_write_text
 
 SIX_B = dict(h=4096, nh=32, hd=128, inner=16384, prefix=128, tokens=1024, e=2)
 
@@ -300,8 +300,5 @@ def main(args) -> int:
     text = f"{table()}\n\n{quant}\n\n{quant_linear_table()}"
     print(text)
     if args.markdown:  # atomically: a reader never sees half a table
-        path = Path(args.markdown)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(args.markdown, text + "\n")
     return 0
