@@ -6,9 +6,11 @@ reference path (the original's tuple cache: `torch.cat` of the past in every
 layer at every token), fp32 and bf16. The cache is filled with random keys and
 values to the context length (decode cost does not depend on their values).
 
-Decode reads every weight once per token, so `bytes of weights / read
-bandwidth` is the floor; the bandwidth is measured here with a large `sum`
-and recorded with the floor in each decode case (the table's last columns).
+Decode reads every weight once per token, so the time to read those weights
+is the floor: measured on the model's own tensors with
+`timing.read_floor_seconds` just before and after each decode case (the
+faster of the two) and recorded with the bandwidth it implies (the table's
+last columns).
 """
 import os
 
@@ -17,7 +19,7 @@ import torch
 
 from glm_kernels import ChatGLMConfig, ChatGLMForConditionalGeneration, reference
 from glm_kernels.cache import GLMKVCache
-from timing import best_seconds, measure
+from timing import measure, read_floor_seconds
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
@@ -40,29 +42,24 @@ def model_for(dtype):
     return _MODELS[dtype]
 
 
-def weight_bytes_per_token(model):
+def weights_per_token(model) -> list:
     """Every layer weight, the final LayerNorm and the LM head (= the tied embedding) are read once."""
-    layers = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".layers." in n)
-    return layers + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-
-
-@pytest.fixture(scope="session")
-def read_bandwidth():
-    x = torch.ones(256 * 2**20, dtype=torch.float32, device=DEVICE)  # 1 GiB
-    return x.numel() * 4 / best_seconds(lambda: x.sum(), DEVICE)
+    return [p for n, p in model.named_parameters() if ".layers." in n or "final_layernorm" in n] + [
+        model.lm_head.weight]
 
 
 @pytest.mark.parametrize("context", CONTEXTS)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("impl", ["glm_kernels", "reference"])
-def test_decode_token(benchmark, impl, dtype_name, context, read_bandwidth):
+def test_decode_token(benchmark, impl, dtype_name, context):
     dtype = DTYPES[dtype_name]
     model = model_for(dtype)
     cfg = model.config
     nh, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     token = torch.tensor([[5]], device=DEVICE)
     position_ids = torch.tensor([[[context - 5], [5]]], device=DEVICE)
-    floor_ms = weight_bytes_per_token(model) / read_bandwidth * 1e3
+    weights = [p.detach() for p in weights_per_token(model)]
+    before = read_floor_seconds(weights, DEVICE)
     with torch.no_grad():
         if impl == "glm_kernels":
             cache = GLMKVCache(cfg, batch_size=1, max_length=context + 64, dtype=dtype, device=DEVICE)
@@ -85,7 +82,10 @@ def test_decode_token(benchmark, impl, dtype_name, context, read_bandwidth):
                 reference.lm_forward(params, cfg, token, position_ids=position_ids, past_key_values=past)
 
         measure(benchmark, f"decode 1 token at context {context} {dtype_name}", impl, step, device=DEVICE,
-                dtype=dtype, rounds=5, floor_ms=floor_ms, bandwidth_gbs=read_bandwidth / 1e9)
+                dtype=dtype, rounds=5)
+    floor = min(before, read_floor_seconds(weights, DEVICE))
+    nbytes = sum(t.numel() * t.element_size() for t in weights)
+    benchmark.extra_info.update(floor_ms=floor * 1e3, bandwidth_gbs=nbytes / floor / 1e9)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))

@@ -9,8 +9,8 @@
 - CPU: pytest-benchmark as before: `benchmark(fn)` calibrates rounds itself; `rounds=` for slow steps.
 
 It also records what the results files need in `benchmark.extra_info` (impl, device, device name, dtype,
-timing method, 1-minute load average). `best_seconds(fn, device)` is the fastest of a few calls, for probes such as the read
-bandwidth behind the decode floor. `tests/test_benchmarks_meta.py` checks that every benchmark case goes
+timing method, 1-minute load average). `best_seconds(fn, device)` is the fastest of a few calls;
+`read_floor_seconds(tensors, device)` the fastest read of a model's weights, the floor of a decode step. `tests/test_benchmarks_meta.py` checks that every benchmark case goes
 through here and nothing else in `benchmarks/` reads a clock, and runs the CUDA branch on a fake do_bench.
 """
 from __future__ import annotations
@@ -89,3 +89,25 @@ def best_seconds(fn, device, repeats: int = 5) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def read_floor_seconds(tensors, device, repeats: int = 5) -> float:
+    """The fastest read of every byte of `tensors` (the weights one decode step reads), in seconds.
+
+    CPU: the C++ extension's `stream_read` (AVX-512 loads of each tensor in turn, split over the threads, as the
+    quantized products split their weights), on the tensors as the model holds them, so the floor sees the same
+    memory (page sizes, placement) as the step it bounds. Without the extension, and on CUDA: a sum over each
+    tensor's bytes. Measured on this VM, DRAM reads vary between ~27 and ~48 GB/s from one minute to the next,
+    so the benchmarks measure the floor around each timed case.
+    """
+    from glm_kernels import cpu_ext
+
+    seen = {}
+    for t in tensors:
+        seen.setdefault(t.data_ptr(), t.contiguous())
+    tensors = list(seen.values())
+    ext = cpu_ext.extension()
+    if torch.device(device).type == "cpu" and ext is not None:
+        return best_seconds(lambda: ext.stream_read(tensors), device, repeats)
+    views = [t.view(-1).view(torch.uint8) for t in tensors]
+    return best_seconds(lambda: [v.sum() for v in views], device, repeats)

@@ -1,6 +1,8 @@
 // glm_kernels._C: weight-only INT8/INT4 products on the CPU, reading THUDM's layout as it is.
 //
 //   gemv(x [M, K] float, weight int8 [N, K] (8 bits) or [N, K/2] (4 bits), scale fp16 [N], bits) -> fp32 [M, N]
+//   linear(x, weight, scale, bits, bias or None) -> [M, N] in x's dtype: gemv + bias, rounded once
+//   stream_read(tensors) -> int: sums every 8-byte word of the tensors (the weight-read floor of a decode step)
 //   dequantize_into(weight, scale, bits, start, stop, out): rows [start, stop) of W into out (fp32 or bf16)
 //   dequantize(weight, scale, bits, start, stop) -> fp32 [stop - start, K]
 //
@@ -11,8 +13,14 @@
 // once: every output is rounded once, by the caller's cast to the activation dtype. It is written for
 // the few rows of decoding (each weight row is decoded once and used for every row of x); the caller
 // (glm_kernels/ops/quant_linear.py) sends larger M to dequantize_into + matmul. Work is split over output
-// rows with at::parallel_for (the extension is built with -fopenmp, as ATen is). Three builds of the inner
-// loops: AVX512F, AVX2+FMA (both chosen at run time with __builtin_cpu_supports) and portable C++.
+// rows with at::parallel_for (the extension is built with -fopenmp, as ATen is). Four builds of the inner
+// loops, chosen at run time with __builtin_cpu_supports: AVX512-BF16 (bf16 x only), AVX512F, AVX2+FMA and
+// portable C++.
+//
+// The AVX512-BF16 loops (Zen 4, Sapphire Rapids and later) keep bf16 x as it is and convert q to bf16, which
+// is exact (|q| <= 128 has at most 8 significant bits); vdpbf16ps multiplies bf16 pairs exactly in fp32 and
+// accumulates in fp32, so the result is the fp32 loops' up to summation order, at half the instructions per
+// weight: decoding reads the weights at DRAM speed instead of being bound by the int -> float conversions.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -21,12 +29,13 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define GLM_X86 1
-#endif
+#include "isa.h"
 
 namespace {
+
+using glm_kernels::Isa;
+using glm_kernels::isa;
+using glm_kernels::isa_label;
 
 constexpr int64_t kMaxRows = 8;  // rows of x handled together (a register block per row)
 
@@ -190,6 +199,125 @@ __attribute__((target("avx512f"))) void dequant_int4_avx512(const int8_t* w, flo
   }
 }
 
+
+// ----------------------------------------------------------------------------- AVX512-BF16 (bf16 x)
+
+#define GLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+inline float bf16_value(uint16_t bits) { return c10::BFloat16(bits, c10::BFloat16::from_bits()); }
+
+// Software prefetch of the weight stream kPrefetchBytes ahead (into the next rows at the end of a row): the
+// hardware prefetchers alone leave long rows (ChatGLM-6B's 8192-wide dense_4h_to_h) and the LM head ~1.3-1.6x
+// below the read bandwidth (measured in docs/quantization.md). A prefetch never faults, so running past the end
+// of the weight is harmless.
+constexpr int64_t kPrefetchBytes = 2048;
+
+inline void prefetch_ahead(const int8_t* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + b), _MM_HINT_T0);
+}
+
+// independent accumulators per row of x: enough to hide vdpbf16ps latency with one row, within 32 registers
+// with eight
+template <int M>
+constexpr int unroll_bf16() { return M == 1 ? 4 : (M == 2 ? 2 : 1); }
+
+// x: M rows of bf16 [k] (stride ldx); w: one weight row of k int8 values
+template <int M>
+GLM_BF16_TARGET void rows_int8_bf16_t(const uint16_t* x, int64_t ldx, const int8_t* w, int64_t k, float* acc) {
+  constexpr int U = unroll_bf16<M>();
+  __m512 a[M][U];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < U; ++u) a[m][u] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 * U <= k; i += 32 * U) {
+    prefetch_ahead(w + i, 32 * U);
+    for (int u = 0; u < U; ++u) {
+      const int8_t* wu = w + i + 32 * u;
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wu))));
+      const __m512 hi =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wu + 16))));
+      const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);  // elements 0..15 from lo, 16..31 from hi; exact
+      for (int m = 0; m < M; ++m)
+        a[m][u] = _mm512_dpbf16_ps(a[m][u], wv, (__m512bh)_mm512_loadu_si512(x + m * ldx + i + 32 * u));
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = a[m][0];
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, a[m][u]);
+    float s = _mm512_reduce_add_ps(sum);
+    const uint16_t* xm = x + m * ldx;
+    for (int64_t t = i; t < k; ++t) s += bf16_value(xm[t]) * static_cast<float>(w[t]);
+    acc[m] = s;
+  }
+}
+
+// xe / xo: M rows of the even / odd columns of x in bf16 [half] (stride ldx); w: one row of `half` THUDM bytes
+template <int M>
+GLM_BF16_TARGET void rows_int4_bf16_t(const uint16_t* xe, const uint16_t* xo, int64_t ldx, const int8_t* w,
+                                      int64_t half, float* acc) {
+  constexpr int U = unroll_bf16<M>() / 2 > 0 ? unroll_bf16<M>() / 2 : 1;  // each chunk feeds two accumulators
+  // bf16 of the signed nibble (i & 15), for the 32 indices vpermw reads (its low 5 bits): the low nibble of a
+  // byte then needs no masking, bit 4 (the high nibble's lowest) picks the upper, identical half of the table
+  alignas(64) static const uint16_t table[32] = {
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040,
+      0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0xC100, 0xC0E0, 0xC0C0, 0xC0A0,
+      0xC080, 0xC040, 0xC000, 0xBF80};
+  const __m512i lut = _mm512_load_si512(table);
+  __m512 a[M][2 * U];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < 2 * U; ++u) a[m][u] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 * U <= half; j += 32 * U) {  // 32 bytes = 64 weights per chunk
+    prefetch_ahead(w + j, 32 * U);
+    for (int u = 0; u < U; ++u) {
+      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 32 * u)));
+      const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), lut);  // elements 2j
+      const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(b, lut);                        // elements 2j+1
+      for (int m = 0; m < M; ++m) {
+        const int64_t off = m * ldx + j + 32 * u;
+        a[m][2 * u] = _mm512_dpbf16_ps(a[m][2 * u], hi, (__m512bh)_mm512_loadu_si512(xe + off));
+        a[m][2 * u + 1] = _mm512_dpbf16_ps(a[m][2 * u + 1], lo, (__m512bh)_mm512_loadu_si512(xo + off));
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = a[m][0];
+    for (int u = 1; u < 2 * U; ++u) sum = _mm512_add_ps(sum, a[m][u]);
+    float s = _mm512_reduce_add_ps(sum);
+    const uint16_t* e = xe + m * ldx;
+    const uint16_t* o = xo + m * ldx;
+    for (int64_t t = j; t < half; ++t) {
+      const int8_t bt = w[t];
+      s += bf16_value(e[t]) * static_cast<float>(bt >> 4) +
+           bf16_value(o[t]) * static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(bt) << 4) >> 4);
+    }
+    acc[m] = s;
+  }
+}
+
+void rows_int8_bf16(const uint16_t* x, int64_t ldx, int64_t m_rows, const int8_t* w, int64_t k, float* acc) {
+  GLM_DISPATCH_M(rows_int8_bf16_t, m_rows, x, ldx, w, k, acc)
+}
+
+void rows_int4_bf16(const uint16_t* xe, const uint16_t* xo, int64_t ldx, int64_t m_rows, const int8_t* w,
+                    int64_t half, float* acc) {
+  GLM_DISPATCH_M(rows_int4_bf16_t, m_rows, xe, xo, ldx, w, half, acc)
+}
+
+// sum of the 8-byte words of [p, p + n64 * 64), n64 64-byte lines, four loads in flight
+__attribute__((target("avx512f"))) int64_t read_lines_avx512(const uint8_t* p, int64_t n64) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 4 <= n64; i += 4) {
+    a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + 64 * i));
+    a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(p + 64 * i + 64));
+    a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(p + 64 * i + 128));
+    a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(p + 64 * i + 192));
+  }
+  for (; i < n64; ++i) a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(p + 64 * i));
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+}
+
 // ----------------------------------------------------------------------------- AVX2 + FMA
 
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
@@ -271,22 +399,6 @@ void rows_int4_avx2(const float* xe, const float* xo, int64_t ldx, int64_t m_row
 }
 #endif  // GLM_X86
 
-enum class Isa { kScalar, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-#ifdef GLM_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kScalar;
-}
-
-Isa isa() {
-  static const Isa chosen = detect_isa();
-  return chosen;
-}
-
 void check(const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == torch::kChar && weight.dim() == 2,
@@ -295,38 +407,77 @@ void check(const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits
               "scale must be a CPU [out] tensor");
 }
 
-}  // namespace
+// One output element: the fp32 row sum times the fp16 scale (exact in fp32), plus the bias in fp32, rounded once
+// to the output dtype.
+template <typename T>
+inline void store(T* out, float value) { *out = static_cast<T>(value); }
 
-// y [M, N] fp32 = x [M, K] @ (q * scale)^T, fp32 accumulation, one multiplication by the scale per output.
-torch::Tensor gemv(const torch::Tensor& x_in, const torch::Tensor& weight_in, const torch::Tensor& scale_in,
-                   int64_t bits) {
-  check(weight_in, scale_in, bits);
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, "x must be a CPU [M, K] tensor");
+// y [M, N] = x [M, K] @ (q * scale)^T (+ bias), fp32 accumulation, written in out's dtype (fp32, fp16, bf16).
+void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, const torch::Tensor& scale_in,
+                  int64_t bits, const c10::optional<torch::Tensor>& bias_in, torch::Tensor& out) {
   const auto weight = weight_in.contiguous();
   const auto scale = scale_in.to(torch::kFloat).contiguous();
   const int64_t n = weight.size(0);
   const int64_t k = bits == 8 ? weight.size(1) : weight.size(1) * 2;
-  TORCH_CHECK(x_in.size(1) == k, "x has ", x_in.size(1), " columns, the weight ", k);
   const int64_t rows = x_in.size(0);
-  auto out = torch::empty({rows, n}, x_in.options().dtype(torch::kFloat));
-  if (rows == 0 || n == 0) return out;
-  // fp32 copies of x: as it is for 8 bits; its even and odd columns for 4 bits (the two nibbles of a byte)
+  if (rows == 0 || n == 0) return;
+  torch::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->to(torch::kFloat).contiguous();
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, "bias must be [", n, "]");
+  }
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const Isa chosen = isa();
+  // bf16 x on an AVX512-BF16 CPU stays bf16 (even / odd columns for 4 bits); otherwise an fp32 copy
+  const bool bf16_x = chosen == Isa::kAvx512Bf16 && x_in.scalar_type() == torch::kBFloat16;
+  const auto x_dtype = bf16_x ? torch::kBFloat16 : torch::kFloat;
   torch::Tensor xa, xb;
   if (bits == 8) {
-    xa = x_in.to(torch::kFloat).contiguous();
+    xa = x_in.to(x_dtype).contiguous();
   } else {
-    auto xf = x_in.to(torch::kFloat);
+    auto xf = x_in.to(x_dtype);
     xa = xf.slice(1, 0, k, 2).contiguous();
     xb = xf.slice(1, 1, k, 2).contiguous();
   }
   const float* sp = scale.data_ptr<float>();
   const int8_t* wp = weight.data_ptr<int8_t>();
-  float* op = out.data_ptr<float>();
   const int64_t ldw = weight.size(1);
-  const Isa chosen = isa();
+  const int64_t ldx = xa.size(1);
+  auto finish = [&](auto* op, int64_t m0, int64_t mb, int64_t begin, int64_t end, const float* sums) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t m = 0; m < mb; ++m) {
+        const float v = sums[(r - begin) * mb + m] * sp[r];
+        store(op + (m0 + m) * n + r, bp ? v + bp[r] : v);
+      }
+  };
+  auto write = [&](int64_t m0, int64_t mb, int64_t begin, int64_t end, const float* sums) {
+    switch (out.scalar_type()) {
+      case torch::kBFloat16: finish(out.data_ptr<c10::BFloat16>(), m0, mb, begin, end, sums); break;
+      case torch::kHalf: finish(out.data_ptr<c10::Half>(), m0, mb, begin, end, sums); break;
+      default: finish(out.data_ptr<float>(), m0, mb, begin, end, sums); break;
+    }
+  };
   for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
     const int64_t mb = std::min(kMaxRows, rows - m0);
-    const int64_t ldx = xa.size(1);
+#ifdef GLM_X86
+    if (bf16_x) {
+      // Whole weight rows, one after the other: each thread streams its contiguous share of the weight. The
+      // bf16 rows of x (at most 8 x 16 KiB for ChatGLM-6B's widest input) stay in L1/L2.
+      const auto* xap = reinterpret_cast<const uint16_t*>(xa.data_ptr<at::BFloat16>()) + m0 * ldx;
+      const auto* xbp = bits == 4 ? reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()) + m0 * ldx
+                                  : nullptr;
+      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        std::vector<float> sums((end - begin) * mb);
+        for (int64_t r = begin; r < end; ++r) {
+          float* acc = sums.data() + (r - begin) * mb;
+          if (bits == 8) rows_int8_bf16(xap, ldx, mb, wp + r * ldw, ldw, acc);
+          else rows_int4_bf16(xap, xbp, ldx, mb, wp + r * ldw, ldw, acc);
+        }
+        write(m0, mb, begin, end, sums.data());
+      });
+      continue;
+    }
+#endif
     const float* xap = xa.data_ptr<float>() + m0 * ldx;
     const float* xbp = bits == 4 ? xb.data_ptr<float>() + m0 * ldx : nullptr;
     // Columns in blocks whose slice of x (mb rows, fp32) stays within 16 KiB of L1: every weight row then
@@ -342,14 +493,14 @@ torch::Tensor gemv(const torch::Tensor& x_in, const torch::Tensor& weight_in, co
           const int8_t* wr = wp + r * ldw + c0;
           if (bits == 8) {
 #ifdef GLM_X86
-            if (chosen == Isa::kAvx512) rows_int8_avx512(xap + c0, ldx, mb, wr, width, acc);
+            if (chosen >= Isa::kAvx512) rows_int8_avx512(xap + c0, ldx, mb, wr, width, acc);
             else if (chosen == Isa::kAvx2) rows_int8_avx2(xap + c0, ldx, mb, wr, width, acc);
             else
 #endif
               rows_int8_scalar(xap + c0, ldx, mb, wr, width, acc);
           } else {
 #ifdef GLM_X86
-            if (chosen == Isa::kAvx512) rows_int4_avx512(xap + c0, xbp + c0, ldx, mb, wr, width, acc);
+            if (chosen >= Isa::kAvx512) rows_int4_avx512(xap + c0, xbp + c0, ldx, mb, wr, width, acc);
             else if (chosen == Isa::kAvx2) rows_int4_avx2(xap + c0, xbp + c0, ldx, mb, wr, width, acc);
             else
 #endif
@@ -359,11 +510,67 @@ torch::Tensor gemv(const torch::Tensor& x_in, const torch::Tensor& weight_in, co
           for (int64_t m = 0; m < mb; ++m) sr[m] += acc[m];
         }
       }
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t m = 0; m < mb; ++m) op[(m0 + m) * n + r] = sums[(r - begin) * mb + m] * sp[r];
+      write(m0, mb, begin, end, sums.data());
     });
   }
+}
+
+void check_x(const torch::Tensor& x, const torch::Tensor& weight, int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "x must be a CPU [M, K] tensor");
+  const int64_t k = bits == 8 ? weight.size(1) : weight.size(1) * 2;
+  TORCH_CHECK(x.size(1) == k, "x has ", x.size(1), " columns, the weight ", k);
+}
+
+}  // namespace
+
+// y [M, N] fp32 = x [M, K] @ (q * scale)^T, fp32 accumulation, one multiplication by the scale per output.
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits) {
+  check(weight, scale, bits);
+  check_x(x, weight, bits);
+  auto out = torch::empty({x.size(0), weight.size(0)}, x.options().dtype(torch::kFloat));
+  product_into(x, weight, scale, bits, c10::nullopt, out);
   return out;
+}
+
+// y [M, N] in x's dtype = x @ (q * scale)^T + bias: gemv with the bias added in fp32 before the one rounding.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits,
+                     const c10::optional<torch::Tensor>& bias) {
+  check(weight, scale, bits);
+  check_x(x, weight, bits);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kHalf ||
+                  x.scalar_type() == torch::kBFloat16, "x must be fp32, fp16 or bf16");
+  auto out = torch::empty({x.size(0), weight.size(0)}, x.options());
+  product_into(x, weight, scale, bits, bias, out);
+  return out;
+}
+
+// Sum of every 8-byte word of the tensors' storage, read as a decode step reads its weights: one tensor after
+// the other, each split over the threads. The benchmarks time it over a model's weights as its read floor.
+int64_t stream_read(const std::vector<torch::Tensor>& tensors) {
+  int64_t total = 0;
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "stream_read takes contiguous CPU tensors");
+    const auto* p = static_cast<const uint8_t*>(t.data_ptr());
+    const int64_t bytes = t.numel() * t.element_size();
+    const int64_t lines = bytes / 64;
+    std::vector<int64_t> parts(at::get_num_threads(), 0);
+    at::parallel_for(0, lines, 4096, [&](int64_t begin, int64_t end) {  // 256 KiB at least per thread
+      int64_t s = 0;
+#ifdef GLM_X86
+      if (isa() >= Isa::kAvx512) {
+        s = read_lines_avx512(p + 64 * begin, end - begin);
+      } else
+#endif
+      {
+        const auto* w = reinterpret_cast<const int64_t*>(p + 64 * begin);
+        for (int64_t i = 0; i < (end - begin) * 8; ++i) s += w[i];
+      }
+      parts[at::get_thread_num()] += s;
+    });
+    for (int64_t v : parts) total += v;
+    for (int64_t b = lines * 64; b < bytes; ++b) total += p[b];
+  }
+  return total;
 }
 
 // rows [start, stop) of W = q * scale, fp32
@@ -371,7 +578,7 @@ namespace {
 
 void dequant_row(const int8_t* wr, float s, int64_t ldw, int64_t bits, Isa chosen, float* o) {
 #ifdef GLM_X86
-  if (chosen == Isa::kAvx512) {
+  if (chosen >= Isa::kAvx512) {
     if (bits == 8) dequant_int8_avx512(wr, s, ldw, o);
     else dequant_int4_avx512(wr, s, ldw, o);
     return;
@@ -408,7 +615,7 @@ __attribute__((target("avx512f"))) void to_bf16_avx512(const float* in, int64_t 
 // Rows [start, stop) of W = q * scale into `out` (contiguous CPU [>= stop - start, K], fp32 or bf16: the product
 // is computed in fp32 and rounded once). Callers reuse one cache-sized buffer for every block.
 void dequantize_into(const torch::Tensor& weight_in, const torch::Tensor& scale_in, int64_t bits, int64_t start,
-                     int64_t stop, torch::Tensor& out) {
+                     int64_t stop, const torch::Tensor& out) {
   check(weight_in, scale_in, bits);
   const auto weight = weight_in.contiguous();
   const auto scale = scale_in.to(torch::kFloat).contiguous();
@@ -433,7 +640,7 @@ void dequantize_into(const torch::Tensor& weight_in, const torch::Tensor& scale_
       dequant_row(wr, sp[r], ldw, bits, chosen, row.data());
       c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + (r - start) * k;
 #ifdef GLM_X86
-      if (chosen == Isa::kAvx512) {
+      if (chosen >= Isa::kAvx512) {
         to_bf16_avx512(row.data(), k, o);
         continue;
       }
@@ -451,22 +658,39 @@ torch::Tensor dequantize(const torch::Tensor& weight, const torch::Tensor& scale
   return out;
 }
 
-std::string isa_name() {
-  switch (isa()) {
-    case Isa::kAvx512: return "avx512f";
-    case Isa::kAvx2: return "avx2";
-    default: return "scalar";
+std::string isa_name() { return isa_label(isa()); }
+
+// Tests run every build of the loops on one machine: choose one the CPU supports (returns the previous choice).
+std::string set_isa(const std::string& name) {
+  const std::string previous = isa_name();
+  const Isa best = glm_kernels::detect_isa();
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}) {
+    if (name == isa_label(i)) {
+      TORCH_CHECK(i <= best, "this CPU does not support ", name, " (best: ", isa_label(best), ")");
+      glm_kernels::chosen_isa() = i;
+      return previous;
+    }
   }
+  TORCH_CHECK(false, "unknown instruction set ", name, "; known: scalar, avx2, avx512f, avx512bf16");
+}
+
+// The operators, as torch.ops.glm_kernels.* (visible to the profiler and to torch.library tooling).
+TORCH_LIBRARY(glm_kernels, m) {
+  m.def("gemv(Tensor x, Tensor weight, Tensor scale, int bits) -> Tensor", &gemv);
+  m.def("linear(Tensor x, Tensor weight, Tensor scale, int bits, Tensor? bias=None) -> Tensor", &linear);
+  m.def("dequantize(Tensor weight, Tensor scale, int bits, int start, int stop) -> Tensor", &dequantize);
+  m.def("dequantize_into(Tensor weight, Tensor scale, int bits, int start, int stop, Tensor(a!) out) -> ()",
+        &dequantize_into);
+  m.def("stream_read(Tensor[] tensors) -> int", &stream_read);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "glm_kernels CPU extension: weight-only INT8/INT4 products on THUDM's layout";
-  m.def("gemv", &gemv, "x [M, K] @ (q * scale)^T in fp32 (THUDM int8 / int4 weight)", py::arg("x"), py::arg("weight"),
-        py::arg("scale"), py::arg("bits"));
-  m.def("dequantize", &dequantize, "rows [start, stop) of q * scale, fp32", py::arg("weight"), py::arg("scale"),
-        py::arg("bits"), py::arg("start"), py::arg("stop"));
-  m.def("dequantize_into", &dequantize_into, "rows [start, stop) of q * scale into out[:stop - start] (fp32/bf16)",
-        py::arg("weight"), py::arg("scale"), py::arg("bits"), py::arg("start"), py::arg("stop"), py::arg("out"));
+  m.doc() = "glm_kernels CPU extension: weight-only INT8/INT4 products on THUDM's layout (operators in "
+            "torch.ops.glm_kernels)";
   m.def("isa", &isa_name, "the instruction set the kernels use on this CPU");
-  m.attr("VERSION") = 5;
+  m.def("best_isa", [] { return std::string(isa_label(glm_kernels::detect_isa())); },
+        "the best instruction set this CPU supports");
+  m.def("set_isa", &set_isa, "use another build of the loops (scalar, avx2, avx512f, avx512bf16); returns the previous",
+        py::arg("name"));
+  m.attr("VERSION") = 7;
 }

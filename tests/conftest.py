@@ -46,10 +46,34 @@ def cpu_path(request, monkeypatch):
 
     This machine has a compiler, so the extension must be built (`make test` builds it): missing, the extension
     case fails instead of skipping (elsewhere the package works without it)."""
-    from glm_kernels.quant import cpu_ext
+    from glm_kernels import cpu_ext
 
     if request.param == "extension":
         assert cpu_ext.extension() is not None, EXTENSION_MISSING
     else:
         monkeypatch.setattr(cpu_ext, "extension", lambda: None)
     return request.param
+
+
+def supported_isas():
+    """Every build of the extension's loops this CPU can run (the tests run each one)."""
+    from glm_kernels import cpu_ext
+
+    module = cpu_ext.module()
+    best = module.best_isa()
+    order = ["scalar", "avx2", "avx512f", "avx512bf16"]
+    return order[:order.index(best) + 1]
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512f", "avx512bf16"])
+def isa(request):
+    """Run an extension test with one build of its loops; a build this CPU cannot run fails the test (this
+    machine runs all four: the test that says so is test_this_cpu_runs_every_build)."""
+    from glm_kernels import cpu_ext
+
+    assert cpu_ext.module() is not None, EXTENSION_MISSING
+    module = cpu_ext.module()
+    assert request.param in supported_isas(), f"this CPU does not run {request.param}"
+    previous = module.set_isa(request.param)
+    yield request.param
+    module.set_isa(previous)

@@ -139,7 +139,7 @@ def test_explicit_backend_is_strict():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + LOWP)
-def test_attention_inference_path_matches_reference(dtype):
+def test_attention_inference_path_matches_reference(dtype, cpu_path):
     # no gradient, no probabilities, no fully masked row: the torch backend's fused inference path
     from glm_kernels.ops.mask import GLMMask
 
@@ -161,7 +161,7 @@ def test_attention_inference_path_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + LOWP)
-def test_attention_inference_path_with_fully_masked_rows(dtype):
+def test_attention_inference_path_with_fully_masked_rows(dtype, cpu_path):
     # left padding without a prefix: padded query rows see no key; the original attends uniformly to every key.
     # The fused inference path must give that row the mean of v, decided on the device (no host sync).
     from sync_counter import count_syncs
@@ -180,3 +180,91 @@ def test_attention_inference_path_with_fully_masked_rows(dtype):
         assert_lowp_close(out, reflow, ref32, f"inference attention, fully masked rows {dtype}")
     uniform = v[:, 0].mean(0).to(dtype).float()
     assert torch.allclose(out[1, 0].view(4, 64).float(), uniform, atol=2e-2 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + LOWP)
+@pytest.mark.parametrize("sq, batch_mask", [(1, False), (1, True), (5, True)])
+def test_attention_few_reads_cache_views(dtype, sq, batch_mask, isa):
+    """The extension's few-row attention (CPU decoding): strided views of a [max, b, nh, hd] cache, a query
+    sliced out of the fused QKV output, masks per batch row or broadcast, a fully masked row (uniform weights)."""
+    from glm_kernels import cpu_ext
+
+    b, nh, hd, filled = 2, 4, 64, 37
+    qkv = torch.randn(sq, b, nh, 3 * hd)
+    cache_k, cache_v = torch.randn(2, 48, b, nh, hd).unbind(0)
+    k, v = cache_k[:filled], cache_v[:filled]
+    q = qkv[..., :hd]  # not contiguous, as rope_qkv returns it
+    mask = torch.rand(b if batch_mask else 1, 1, sq, filled) < 0.3
+    mask[..., -1] = False
+    mask[0, 0, sq - 1] = True  # fully masked: the original's uniform weights over every key
+    lowp = [t.to(dtype) for t in (q, k, v)]
+    with torch.no_grad():
+        out = cpu_ext.extension().attention_few(*lowp, mask)
+    assert out.dtype == dtype and out.shape == (sq, b, nh * hd)
+    ref32, _ = reference.attention_core(q, k, v, mask, 2)
+    reflow, _ = reference.attention_core(*lowp, mask, 2)
+    if dtype == torch.float32:
+        assert_fp32_close(out, ref32, 1e-4, f"attention_few {isa}")  # attention rule
+    else:
+        assert_lowp_close(out, reflow, ref32, f"attention_few {dtype} {isa}")
+    assert torch.allclose(out[sq - 1, 0].float().view(nh, hd), v[:, 0].float().mean(0),
+                          atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_attention_few_errors_are_named():
+    from glm_kernels import cpu_ext
+
+    ext = cpu_ext.extension()
+    assert ext is not None
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(5, 2, 4, 8)
+    with pytest.raises(RuntimeError, match=r"mask must be bool \[b or 1, 1, sq, sk\] = \[2, 1, 1, 5\]"):
+        ext.attention_few(q, k, k, torch.zeros(2, 1, 1, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="q, k, v must share a dtype"):
+        ext.attention_few(q, k.half(), k.half(), None)
+    with pytest.raises(RuntimeError, match="do not match"):
+        ext.attention_few(q, torch.randn(5, 2, 4, 16), torch.randn(5, 2, 4, 16), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + LOWP)
+@pytest.mark.parametrize("s, b", [(1, 1), (1, 3), (5, 2)])
+def test_rope_qkv_inference_path(dtype, s, b, cpu_path):
+    """CPU inference on few tokens (the extension's fused `rope_qkv`; PyTorch ops without it): q, k, v against the
+    reference rotation, k and v written into strided cache views at an offset, nothing else of the cache touched."""
+    nh, hd, total, offset = 3, 64, 12, 4
+    mixed32 = torch.randn(s, b, 3 * nh * hd).to(dtype).float()  # exactly representable: every path sees the same
+    pos = torch.randint(0, 2048, (b, 2, s))
+    cos, sin = ops.rotary_table(2048, hd // 2, dtype)
+    cache = torch.randn(total, b, 2, nh, hd).to(dtype)  # k and v interleaved: views with non-trivial strides
+    before = cache.clone()
+    k_out, v_out = cache[offset:offset + s, :, 0], cache[offset:offset + s, :, 1]
+    with torch.no_grad():
+        q, k, v = ops.rope_qkv(mixed32.to(dtype), pos, cos, sin, nh, k_out, v_out, backend="torch")
+    assert k is k_out and v is v_out and q.shape == (s, b, nh, hd) and q.dtype == dtype
+    rest = torch.ones(total, dtype=torch.bool)
+    rest[offset:offset + s] = False
+    assert torch.equal(cache[rest], before[rest]), "the cache outside [offset, offset + s) changed"
+    q32, k32, v32 = mixed32.view(s, b, nh, 3 * hd).split(hd, dim=-1)
+    rq, rk = reference.rotary_2d(q32, k32, pos)  # fp32 tables
+    assert torch.equal(v, v32.to(dtype))  # v is a copy: exact
+    if dtype == torch.float32:
+        for name, o, r in (("q", q, rq), ("k", k, rk)):
+            assert_fp32_close(o, r, 1e-5, f"rope {name} {cpu_path}")  # element-wise rule
+    else:
+        lq, lk = reference.rotary_2d(q32.to(dtype), k32.to(dtype), pos)
+        for name, o, rl, r in (("q", q, lq, rq), ("k", k, lk, rk)):
+            assert_lowp_close(o, rl, r, f"rope {name} {dtype} {cpu_path}")  # low-precision rule
+
+
+def test_rope_qkv_extension_errors_are_named():
+    from glm_kernels import cpu_ext
+
+    ext = cpu_ext.extension()
+    assert ext is not None
+    mixed = torch.randn(1, 2, 3 * 2 * 8)
+    cos, sin = ops.rotary_table(16, 4, torch.float32)
+    with pytest.raises(RuntimeError, match=r"position_ids hold 16, outside the rotary table's 16 positions"):
+        ext.rope_qkv(mixed, torch.full((2, 2, 1), 16), cos, sin, 2, None, None)
+    with pytest.raises(RuntimeError, match=r"position_ids must be int64 \[b, 2, s\] = \[2, 2, 1\]"):
+        ext.rope_qkv(mixed, torch.zeros(1, 2, 1, dtype=torch.long), cos, sin, 2, None, None)
+    with pytest.raises(RuntimeError, match="not 3 x num_heads"):
+        ext.rope_qkv(mixed, torch.zeros(2, 2, 1, dtype=torch.long), cos, sin, 5, None, None)

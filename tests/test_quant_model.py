@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 from conftest import make_model
 from glm_kernels import ChatGLMForConditionalGeneration, ChatGLMModel
-from glm_kernels.quant import QuantizedEmbedding, QuantizedLinear, cpu_ext
+from glm_kernels import cpu_ext
+from glm_kernels.quant import QuantizedEmbedding, QuantizedLinear
 from helpers import assert_fp32_close, assert_lowp_close
 from test_loading import tree_digest
 from test_quant_layout import oracle_decode4, oracle_pack4, oracle_quantize

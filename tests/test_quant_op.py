@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from glm_kernels import backend, ops
-from glm_kernels.quant import cpu_ext, cpu_pack
+from glm_kernels import cpu_ext
+from glm_kernels.quant import cpu_pack
 from glm_kernels.quant.cpu_pack import PackedInt4
 from glm_kernels.quant.layout import quantize_weight
-from conftest import EXTENSION_MISSING
+from conftest import EXTENSION_MISSING, supported_isas
 from helpers import assert_fp32_close, assert_lowp_close
 from test_quant_layout import oracle_decode4
 
@@ -199,16 +200,74 @@ def test_registered_with_the_backend_switch():
 
 
 
+def test_this_cpu_runs_every_build():
+    # The CI machine (AMD EPYC, Zen 4) has AVX512-BF16: every build of the loops is exercised here.
+    assert BUILT, EXTENSION_MISSING
+    assert supported_isas() == ["scalar", "avx2", "avx512f", "avx512bf16"]
+    with pytest.raises(RuntimeError, match="unknown instruction set sse9"):
+        cpu_ext.module().set_isa("sse9")
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("in_features", [100, 4200])  # vector tails; several column blocks per row
 @pytest.mark.parametrize("rows", [1, 2, 7, 9, 17])  # register blocks of 1..8 rows of x, and more than one
-def test_extension_gemv_shapes(bits, in_features, rows):
-    assert BUILT, EXTENSION_MISSING
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the vdpbf16ps loops where the CPU has them
+def test_extension_gemv_shapes(bits, in_features, rows, dtype, isa):
     ext = cpu_ext.extension()
     q, scale, _ = make(bits, out_features=40, in_features=in_features)
-    x = torch.randn(rows, in_features)
+    x = torch.randn(rows, in_features).to(dtype)
     out = ext.gemv(x, q, scale, bits)
     assert out.dtype == torch.float32 and out.shape == (rows, 40)
-    assert_fp32_close(out, x.double() @ oracle_weight(q, scale, bits).t(), 1e-5, "gemv")  # one dot product per output
+    # products of bf16 x and q are exact in fp32 on every path: one fp32 dot product per output either way
+    assert_fp32_close(out, x.double() @ oracle_weight(q, scale, bits).t(), 1e-5, f"gemv {isa}")
     w = ext.dequantize(q, scale, bits, 3, 29)
     assert torch.equal(w.double(), oracle_weight(q, scale, bits)[3:29])  # q x fp16 scale is exact in fp32
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_extension_linear_adds_the_bias_and_rounds_once(bits, dtype, isa):
+    """`linear` = gemv + bias in fp32, then one rounding to x's dtype: equal to rounding the fp32 result."""
+    ext = cpu_ext.extension()
+    q, scale, bias = make(bits, out_features=40, in_features=4200)
+    x = torch.randn(3, 4200).to(dtype)
+    fp32 = ext.gemv(x, q, scale, bits) + bias
+    out = ext.linear(x, q, scale, bits, bias.to(dtype))
+    assert out.dtype == dtype and out.shape == (3, 40)
+    ref = x.double() @ oracle_weight(q, scale, bits).t() + bias.to(dtype).double()
+    assert_fp32_close(fp32, ref, 1e-5, "gemv + bias")
+    # the same fp32 sums up to summation order, then one rounding: at most one unit of the dtype apart
+    unit = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    assert (out.double() - ref).abs().max() <= unit * ref.abs().max() + 1e-5 * ref.abs().max()
+    assert torch.equal(ext.linear(x, q, scale, bits, None).float(),
+                       ext.gemv(x, q, scale, bits).to(dtype).float())  # without bias: the gemv result, rounded
+
+
+def test_extension_errors_are_named():
+    assert BUILT, EXTENSION_MISSING
+    ext = cpu_ext.extension()
+    q, scale, bias = make(8, out_features=40, in_features=64)
+    with pytest.raises(RuntimeError, match="x has 32 columns, the weight 64"):
+        ext.linear(torch.randn(1, 32), q, scale, 8, None)
+    with pytest.raises(RuntimeError, match=r"bias must be \[40\]"):
+        ext.linear(torch.randn(1, 64), q, scale, 8, bias[:3])
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        ext.gemv(torch.randn(1, 64), q, scale, 3)
+    with pytest.raises(RuntimeError, match="stream_read takes contiguous CPU tensors"):
+        ext.stream_read([torch.zeros(8, 8).t()])
+
+
+def test_stream_read_sums_every_word():
+    """The floor probe really reads every byte: its sum of 8-byte words equals numpy's, tails included."""
+    assert BUILT, EXTENSION_MISSING
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randint(-2**62, 2**62, (n,), generator=g, dtype=torch.int64) for n in (1, 7, 8, 4099, 70000)]
+    tensors.append(torch.randint(-100, 100, (1000, 37), generator=g, dtype=torch.int8))  # 37000 bytes: a byte tail
+    expected = 0
+    for t in tensors:
+        raw = t.numpy().tobytes()
+        whole = len(raw) // 64 * 64
+        words = np.frombuffer(raw[:whole], dtype=np.int64).astype(object).sum() if whole else 0
+        expected += int(words) + sum(raw[whole:])  # the tail past the last 64-byte line, byte by byte
+    expected = (expected + 2**63) % 2**64 - 2**63  # int64 wrap-around, as the C++ sum
+    assert cpu_ext.extension().stream_read(tensors) == expected

@@ -5,7 +5,9 @@ For layer `i` the original computes, in the model dtype,
 softmax of `scores.float() * (i + 1)` in fp32, casts back and multiplies by v.
 The torch implementation does exactly that when gradients or probabilities
 are needed; for inference it calls PyTorch's fused attention (flash attention
-on the CPU: no `[sq, sk]` scores, strided cache views read in place).
+on the CPU: no `[sq, sk]` scores, strided cache views read in place), or for
+up to `FEW_ROWS` query rows on the CPU the C++ extension's `attention_few`
+(the same fp32 arithmetic without PyTorch's per-call set-up).
 """
 from __future__ import annotations
 
@@ -15,8 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import call, register
+from .. import cpu_ext
 from .mask import GLMMask
 from .softmax import scaled_masked_softmax
+
+
+# Query rows up to which CPU inference uses the C++ extension's `attention_few` (decoding, short chunks): PyTorch's
+# fused CPU attention has a fixed cost of ~0.4 ms per bf16 call at decode sizes (csrc/attention_cpu.cpp).
+FEW_ROWS = 16
 
 
 def _fused_inference(q, k, v, mask):
@@ -28,6 +36,8 @@ def _fused_inference(q, k, v, mask):
     every key: its mask is lifted and its query zeroed, so all its scores are 0.
     Decided on the device (no host sync: this runs in every layer of every step).
     """
+    if q.device.type == "cpu" and q.shape[0] <= FEW_ROWS and cpu_ext.extension() is not None:
+        return cpu_ext.extension().attention_few(q, k, v, mask)
     q, k, v = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
     visible = None
     if mask is not None:

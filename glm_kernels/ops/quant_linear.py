@@ -12,10 +12,11 @@ Backends (chosen in `glm_kernels/backend.py`): "triton"
 which on the CPU picks, per call, the fastest path this machine has
 (measured in docs/quantization.md):
 
-- with the C++ extension (`glm_kernels._C`, `quant.cpu_ext`), up to
-  `EXTENSION_MAX_ROWS` rows of x (16 in fp32/fp16, 4 in bf16): its `gemv` reads THUDM's
-  bytes as they are, accumulates in fp32 and applies the fp16 row scale once
-  (one rounding, to x's dtype, at the end);
+- with the C++ extension (`torch.ops.glm_kernels`, `glm_kernels.cpu_ext`), up to
+  `EXTENSION_MAX_ROWS` rows of x: its `linear` reads THUDM's bytes as they
+  are, accumulates in fp32, applies the fp16 row scale and the bias in fp32
+  and rounds once to x's dtype (bf16 x on an AVX512-BF16 CPU is multiplied as
+  it is, with `vdpbf16ps`: see csrc/quant_cpu.cpp);
 - without it, bf16 x of fewer than `KERNEL_MAX_ROWS` rows: PyTorch's
   `torch._weight_int8pack_mm` on THUDM's int8 bytes, or
   `aten._weight_int4pack_mm_for_cpu` on the 4-bit weight `QuantizedLinear`
@@ -34,7 +35,8 @@ from __future__ import annotations
 import torch
 
 from ..backend import call, register
-from ..quant import cpu_ext, cpu_pack
+from .. import cpu_ext
+from ..quant import cpu_pack
 from ..quant.cpu_pack import PackedInt4
 from ..quant.layout import BITS, unpack_int4
 
@@ -46,7 +48,7 @@ CHUNK_ELEMENTS = 2**20
 KERNEL_MAX_ROWS = 32
 # Rows of x up to which the C++ extension's gemv runs, by x dtype (measured on 4096 x 4096 weights against
 # dequantized blocks + the matmul of the dtype; oneDNN's bf16 matmul takes over sooner than the fp32 one).
-EXTENSION_MAX_ROWS = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 4}
+EXTENSION_MAX_ROWS = {torch.float32: 16, torch.float16: 16, torch.bfloat16: 16}
 
 
 def in_features_of(weight, bits: int) -> int:
@@ -177,8 +179,8 @@ def _product(x, weight, scale, bits: int, bias) -> torch.Tensor:
     ext = cpu_ext.extension() if on_cpu and not isinstance(weight, PackedInt4) else None
     kernel = on_cpu and x2.dtype == torch.bfloat16 and rows < KERNEL_MAX_ROWS
     if ext is not None and rows <= EXTENSION_MAX_ROWS[x2.dtype]:
-        y = ext.gemv(x2, weight, scale, bits)  # fp32, the scale applied once
-        y = y if bias is None else y.add_(bias.float())
+        # x's dtype; the scale and the bias applied in fp32, rounded once
+        return ext.linear(x2, weight, scale, bits, bias).reshape(*x.shape[:-1], out_features)
     elif kernel and (isinstance(weight, PackedInt4) or bits == 8):
         # The kernels read their scales in bf16; a bf16 row scale would be off by up to 2^-8 (relative) for the
         # whole row. They run with unit scales (x @ q^T, rounded once); the fp16 scales and the bias follow in fp32.

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import call, register
+from .. import cpu_ext
 
 
 def inv_freq(rot_dim: int) -> torch.Tensor:
@@ -64,9 +65,17 @@ def _rotary_torch(q, k, cos, sin, position_ids):
     return q * c + _rotate_half_2d(q) * s, k * c + _rotate_half_2d(k) * s
 
 
+# Tokens (s * b) up to which CPU inference runs the C++ extension's fused `rope_qkv` (decoding, short chunks).
+FEW_TOKENS = 64
+
+
 @register("rope", "torch")
 def _rope_qkv_torch(mixed, position_ids, cos, sin, num_heads, k_out, v_out):
     s, b, _ = mixed.shape
+    if (mixed.device.type == "cpu" and s * b <= FEW_TOKENS and cpu_ext.extension() is not None
+            and not (torch.is_grad_enabled() and mixed.requires_grad)):
+        # one pass: split, 2D rotation computed in fp32 and rounded once, k and v written into the cache views
+        return cpu_ext.extension().rope_qkv(mixed, position_ids, cos, sin, num_heads, k_out, v_out)
     q, k, v = mixed.view(s, b, num_heads, -1).split(mixed.shape[-1] // (3 * num_heads), dim=-1)
     q, k = _rotary_torch(q, k, cos, sin, position_ids)
     if k_out is not None:

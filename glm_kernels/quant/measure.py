@@ -23,16 +23,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import cpu_ext, cpu_pack
+from .. import cpu_ext
+from . import cpu_pack
 from .layout import pack_int4
 
 PATHS = {
     "fp32-linear": "fp32 x, fp32 weights: F.linear (the unquantized model)",
     "bf16-linear": "bf16 x, bf16 weights: F.linear (the unquantized model)",
-    "int8-fp32-ext": "fp32 x, int8: the C++ extension's gemv on THUDM's bytes (ops.quant_linear with glm_kernels._C)",
-    "int4-fp32-ext": "fp32 x, int4: the C++ extension's gemv on THUDM's bytes",
-    "int8-bf16-ext": "bf16 x, int8: the C++ extension's gemv (x converted to fp32 once)",
-    "int4-bf16-ext": "bf16 x, int4: the C++ extension's gemv",
+    "int8-fp32-ext": "fp32 x, int8: the C++ extension's linear on THUDM's bytes (ops.quant_linear with glm_kernels._C)",
+    "int4-fp32-ext": "fp32 x, int4: the C++ extension's linear on THUDM's bytes",
+    "int8-bf16-ext": "bf16 x, int8: the C++ extension's linear (vdpbf16ps on an AVX512-BF16 CPU, else x in fp32)",
+    "int4-bf16-ext": "bf16 x, int4: the C++ extension's linear (as above)",
     "int8-bf16-kernel": "bf16 x, int8: torch._weight_int8pack_mm on THUDM's bytes, unit scales, fp32 rescale "
                         "(ops.quant_linear)",
     "int4-bf16-kernel": "bf16 x, int4 repacked: aten._weight_int4pack_mm_for_cpu group 256, unit scales, fp32 "
@@ -90,7 +91,7 @@ def _make(path: str, out_features: int, in_features: int, count: int, gen: torch
         if path in ("int8-bf16-kernel", "int4-bf16-kernel", "int4-bf16-kernel-g128"):
             return _product(x, weight, scale, bits, None)  # the op's own kernel path (x has < 32 rows)
         if path.endswith("-ext"):
-            return cpu_ext.extension().gemv(x, weight, scale, bits)
+            return cpu_ext.extension().linear(x, weight, scale, bits, None)
         if path == "int8-fp32-kernel":
             return torch._weight_int8pack_mm(x, weight, scale.float())
         if path == "int4-fp32-kernel":

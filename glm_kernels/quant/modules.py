@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backend as backend_mod
-from . import cpu_ext, cpu_pack
+from .. import cpu_ext
+from . import cpu_pack
 from .cpu_pack import PackedInt4
 from .layout import check_bits, dequantize, quantize_weight, stored_shape, unpack_int4
 
