@@ -11,7 +11,8 @@
 //
 // Why: PyTorch's fused CPU attention spends ~0.4 ms on one bf16 query over 129 keys x 16 heads (thread launch and
 // blocking set up for long sequences), 3 ms of a 25 ms INT4 decode step at the benchmark size; these loops take
-// ~20 us. Work is split over (batch, head) pairs.
+// ~0.05 ms there and 7x less than PyTorch's at 1056 keys in bf16. At long contexts they read the cache at about
+// DRAM speed (fp32, 2049 keys: 2.2 ms against PyTorch's 1.7). Work is split over (batch, head) pairs.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

@@ -10,7 +10,7 @@
 // both 4-bit two's complement. W = q * scale[:, None].
 //
 // gemv accumulates x[m, k] * q[n, k] in fp32 and multiplies the row sum by the fp16 scale (exact in fp32)
-// once: every output is rounded once, by the caller's cast to the activation dtype. It is written for
+// once; linear adds the bias in fp32 and rounds every output once, to the activation dtype. It is written for
 // the few rows of decoding (each weight row is decoded once and used for every row of x); the caller
 // (glm_kernels/ops/quant_linear.py) sends larger M to dequantize_into + matmul. Work is split over output
 // rows with at::parallel_for (the extension is built with -fopenmp, as ATen is). Four builds of the inner
