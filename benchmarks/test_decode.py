@@ -19,7 +19,7 @@ import torch
 
 from glm_kernels import ChatGLMConfig, ChatGLMForConditionalGeneration, reference
 from glm_kernels.cache import GLMKVCache
-from timing import measure, read_floor_seconds
+from timing import measure, read_floor_around
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
@@ -58,9 +58,7 @@ def test_decode_token(benchmark, impl, dtype_name, context):
     nh, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     token = torch.tensor([[5]], device=DEVICE)
     position_ids = torch.tensor([[[context - 5], [5]]], device=DEVICE)
-    weights = [p.detach() for p in weights_per_token(model)]
-    before = read_floor_seconds(weights, DEVICE)
-    with torch.no_grad():
+    with torch.no_grad(), read_floor_around(benchmark, weights_per_token(model), DEVICE):
         if impl == "glm_kernels":
             cache = GLMKVCache(cfg, batch_size=1, max_length=context + 64, dtype=dtype, device=DEVICE)
             prompt = torch.tensor([[5, 6, cfg.gmask_token_id, cfg.bos_token_id]], device=DEVICE)
@@ -83,9 +81,6 @@ def test_decode_token(benchmark, impl, dtype_name, context):
 
         measure(benchmark, f"decode 1 token at context {context} {dtype_name}", impl, step, device=DEVICE,
                 dtype=dtype, rounds=5)
-    floor = min(before, read_floor_seconds(weights, DEVICE))
-    nbytes = sum(t.numel() * t.element_size() for t in weights)
-    benchmark.extra_info.update(floor_ms=floor * 1e3, bandwidth_gbs=nbytes / floor / 1e9)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))

@@ -25,7 +25,7 @@ import torch
 
 from glm_kernels import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glm_kernels.cache import GLMKVCache
-from timing import measure, read_floor_seconds
+from timing import measure, read_floor_around
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
@@ -98,12 +98,9 @@ def decode_step(model):
 def test_decode(benchmark, bits, impl):
     model = models()[bits if impl == "glm_kernels" else "bf16"]
     weights = read_per_token(models()[bits])  # the quantized model's floor, in both rows of the case
-    before = read_floor_seconds(weights, DEVICE)
-    measure(benchmark, f"decode 1 token at context {CONTEXT}, INT{bits} vs bf16", impl, decode_step(model),
-            device=DEVICE, dtype=f"int{bits}", rounds=7, model_mib=held_bytes(model) / 2**20)
-    floor = min(before, read_floor_seconds(weights, DEVICE))
-    nbytes = sum(t.numel() * t.element_size() for t in weights)
-    benchmark.extra_info.update(floor_ms=floor * 1e3, bandwidth_gbs=nbytes / floor / 1e9)
+    with read_floor_around(benchmark, weights, DEVICE):
+        measure(benchmark, f"decode 1 token at context {CONTEXT}, INT{bits} vs bf16", impl, decode_step(model),
+                device=DEVICE, dtype=f"int{bits}", rounds=7, model_mib=held_bytes(model) / 2**20)
 
 
 @pytest.mark.parametrize("impl", ["glm_kernels", "reference"])

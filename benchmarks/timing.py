@@ -10,11 +10,13 @@
 
 It also records what the results files need in `benchmark.extra_info` (impl, device, device name, dtype,
 timing method, 1-minute load average). `best_seconds(fn, device)` is the fastest of a few calls;
-`read_floor_seconds(tensors, device)` the fastest read of a model's weights, the floor of a decode step. `tests/test_benchmarks_meta.py` checks that every benchmark case goes
+`read_floor_seconds(tensors, device)` the fastest read of a model's weights, the floor of a decode step
+(`read_floor_around` records it around a timed case). `tests/test_benchmarks_meta.py` checks that every benchmark case goes
 through here and nothing else in `benchmarks/` reads a clock, and runs the CUDA branch on a fake do_bench.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -91,6 +93,14 @@ def best_seconds(fn, device, repeats: int = 5) -> float:
     return best
 
 
+def _unique(tensors) -> list:
+    """The tensors, each storage once (a tied matrix is read once), contiguous."""
+    seen = {}
+    for t in tensors:
+        seen.setdefault(t.data_ptr(), t.detach().contiguous())
+    return list(seen.values())
+
+
 def read_floor_seconds(tensors, device, repeats: int = 5) -> float:
     """The fastest read of every byte of `tensors` (the weights one decode step reads), in seconds.
 
@@ -98,16 +108,24 @@ def read_floor_seconds(tensors, device, repeats: int = 5) -> float:
     quantized products split their weights), on the tensors as the model holds them, so the floor sees the same
     memory (page sizes, placement) as the step it bounds. Without the extension, and on CUDA: a sum over each
     tensor's bytes. Measured on this VM, DRAM reads vary between ~27 and ~48 GB/s from one minute to the next,
-    so the benchmarks measure the floor around each timed case.
+    so the benchmarks measure the floor around each timed case (`read_floor_around`).
     """
     from glm_kernels import cpu_ext
 
-    seen = {}
-    for t in tensors:
-        seen.setdefault(t.data_ptr(), t.contiguous())
-    tensors = list(seen.values())
+    tensors = _unique(tensors)
     ext = cpu_ext.extension()
     if torch.device(device).type == "cpu" and ext is not None:
         return best_seconds(lambda: ext.stream_read(tensors), device, repeats)
     views = [t.view(-1).view(torch.uint8) for t in tensors]
     return best_seconds(lambda: [v.sum() for v in views], device, repeats)
+
+
+@contextlib.contextmanager
+def read_floor_around(benchmark, tensors, device):
+    """Time the floor of `tensors` just before and just after the `with` body (a timed case) and record the faster
+    in `benchmark.extra_info`: `floor_ms` and the read bandwidth it implies, `bandwidth_gbs`."""
+    before = read_floor_seconds(tensors, device)
+    yield
+    floor = min(before, read_floor_seconds(tensors, device))
+    nbytes = sum(t.numel() * t.element_size() for t in _unique(tensors))
+    benchmark.extra_info.update(floor_ms=floor * 1e3, bandwidth_gbs=nbytes / floor / 1e9)

@@ -41,30 +41,50 @@ constexpr int64_t kMaxRows = 8;  // rows of x handled together (a register block
 
 // ----------------------------------------------------------------------------- portable
 
-void rows_int8_scalar(const float* x, int64_t ldx, int64_t m_rows, const int8_t* w, int64_t k, float* acc) {
-  for (int64_t m = 0; m < m_rows; ++m) {
-    const float* xm = x + m * ldx;
-    float s = 0.f;
-    for (int64_t i = 0; i < k; ++i) s += xm[i] * static_cast<float>(w[i]);
-    acc[m] = s;
+// THUDM's byte: element 2j in the high nibble, 2j+1 in the low one, both 4-bit two's complement
+inline int high_nibble(int8_t b) { return b >> 4; }  // arithmetic shift
+inline int low_nibble(int8_t b) { return static_cast<int8_t>(static_cast<uint8_t>(b) << 4) >> 4; }
+
+inline float value(float v) { return v; }
+inline float value(uint16_t bf16_bits) { return c10::BFloat16(bf16_bits, c10::BFloat16::from_bits()); }
+
+// sum of x[t] * q[t] for t in [from, to): the portable loop, and every vector loop's tail (X: fp32, or bf16 bits)
+template <typename X>
+float int8_dot(const X* x, const int8_t* w, int64_t from, int64_t to) {
+  float s = 0.f;
+  for (int64_t t = from; t < to; ++t) s += value(x[t]) * static_cast<float>(w[t]);
+  return s;
+}
+
+// the same over bytes [from, to) of a 4-bit row; e / o: the even / odd columns of x
+template <typename X>
+float int4_dot(const X* e, const X* o, const int8_t* w, int64_t from, int64_t to) {
+  float s = 0.f;
+  for (int64_t t = from; t < to; ++t)
+    s += value(e[t]) * static_cast<float>(high_nibble(w[t])) + value(o[t]) * static_cast<float>(low_nibble(w[t]));
+  return s;
+}
+
+// q * scale for elements (8 bits) or bytes (4 bits) [from, to) of a row, into out (indexed by element)
+inline void dequant_tail(const int8_t* w, float scale, int64_t bits, int64_t from, int64_t to, float* out) {
+  for (int64_t t = from; t < to; ++t) {
+    if (bits == 8) {
+      out[t] = static_cast<float>(w[t]) * scale;
+    } else {
+      out[2 * t] = static_cast<float>(high_nibble(w[t])) * scale;
+      out[2 * t + 1] = static_cast<float>(low_nibble(w[t])) * scale;
+    }
   }
+}
+
+void rows_int8_scalar(const float* x, int64_t ldx, int64_t m_rows, const int8_t* w, int64_t k, float* acc) {
+  for (int64_t m = 0; m < m_rows; ++m) acc[m] = int8_dot(x + m * ldx, w, 0, k);
 }
 
 // x_even/x_odd: [m_rows, k/2] the even and odd columns of x
 void rows_int4_scalar(const float* xe, const float* xo, int64_t ldx, int64_t m_rows, const int8_t* w,
                       int64_t half, float* acc) {
-  for (int64_t m = 0; m < m_rows; ++m) {
-    const float* e = xe + m * ldx;
-    const float* o = xo + m * ldx;
-    float s = 0.f;
-    for (int64_t j = 0; j < half; ++j) {
-      const int8_t b = w[j];
-      const int hi = b >> 4;                                      // arithmetic shift: signed high nibble
-      const int lo = static_cast<int8_t>(static_cast<uint8_t>(b) << 4) >> 4;  // signed low nibble
-      s += e[j] * static_cast<float>(hi) + o[j] * static_cast<float>(lo);
-    }
-    acc[m] = s;
-  }
+  for (int64_t m = 0; m < m_rows; ++m) acc[m] = int4_dot(xe + m * ldx, xo + m * ldx, w, 0, half);
 }
 
 #ifdef GLM_X86
@@ -101,10 +121,7 @@ __attribute__((target("avx512f"))) void rows_int8_avx512_t(const float* x, int64
   for (int m = 0; m < M; ++m) {
     __m512 sum = a[m][0];
     for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, a[m][u]);
-    float s = hsum512(sum);
-    const float* xm = x + m * ldx;
-    for (int64_t t = i; t < k; ++t) s += xm[t] * static_cast<float>(w[t]);
-    acc[m] = s;
+    acc[m] = hsum512(sum) + int8_dot(x + m * ldx, w, i, k);
   }
 }
 
@@ -136,15 +153,7 @@ __attribute__((target("avx512f"))) void rows_int4_avx512_t(const float* xe, cons
   for (int m = 0; m < M; ++m) {
     __m512 sum = a[m][0];
     for (int u = 1; u < 2 * U; ++u) sum = _mm512_add_ps(sum, a[m][u]);
-    float s = hsum512(sum);
-    const float* e = xe + m * ldx;
-    const float* o = xo + m * ldx;
-    for (int64_t t = j; t < half; ++t) {
-      const int8_t bt = w[t];
-      s += e[t] * static_cast<float>(bt >> 4) +
-           o[t] * static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(bt) << 4) >> 4);
-    }
-    acc[m] = s;
+    acc[m] = hsum512(sum) + int4_dot(xe + m * ldx, xo + m * ldx, w, j, half);
   }
 }
 
@@ -176,7 +185,7 @@ __attribute__((target("avx512f"))) void dequant_int8_avx512(const int8_t* w, flo
     const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i))));
     _mm512_storeu_ps(out + i, _mm512_mul_ps(v, vs));
   }
-  for (; i < k; ++i) out[i] = static_cast<float>(w[i]) * s;
+  dequant_tail(w, s, 8, i, k, out);
 }
 
 __attribute__((target("avx512f"))) void dequant_int4_avx512(const int8_t* w, float s, int64_t half, float* out) {
@@ -192,19 +201,13 @@ __attribute__((target("avx512f"))) void dequant_int4_avx512(const int8_t* w, flo
     _mm512_storeu_ps(out + 2 * j, _mm512_permutex2var_ps(hi, lo_idx, lo));
     _mm512_storeu_ps(out + 2 * j + 16, _mm512_permutex2var_ps(hi, hi_idx, lo));
   }
-  for (; j < half; ++j) {
-    const int8_t bt = w[j];
-    out[2 * j] = static_cast<float>(bt >> 4) * s;
-    out[2 * j + 1] = static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(bt) << 4) >> 4) * s;
-  }
+  dequant_tail(w, s, 4, j, half, out);
 }
 
 
 // ----------------------------------------------------------------------------- AVX512-BF16 (bf16 x)
 
 #define GLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
-inline float bf16_value(uint16_t bits) { return c10::BFloat16(bits, c10::BFloat16::from_bits()); }
 
 // Software prefetch of the weight stream kPrefetchBytes ahead (into the next rows at the end of a row): the
 // hardware prefetchers alone leave long rows (ChatGLM-6B's 8192-wide dense_4h_to_h) and the LM head ~1.3-1.6x
@@ -244,10 +247,7 @@ GLM_BF16_TARGET void rows_int8_bf16_t(const uint16_t* x, int64_t ldx, const int8
   for (int m = 0; m < M; ++m) {
     __m512 sum = a[m][0];
     for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, a[m][u]);
-    float s = _mm512_reduce_add_ps(sum);
-    const uint16_t* xm = x + m * ldx;
-    for (int64_t t = i; t < k; ++t) s += bf16_value(xm[t]) * static_cast<float>(w[t]);
-    acc[m] = s;
+    acc[m] = _mm512_reduce_add_ps(sum) + int8_dot(x + m * ldx, w, i, k);
   }
 }
 
@@ -283,15 +283,7 @@ GLM_BF16_TARGET void rows_int4_bf16_t(const uint16_t* xe, const uint16_t* xo, in
   for (int m = 0; m < M; ++m) {
     __m512 sum = a[m][0];
     for (int u = 1; u < 2 * U; ++u) sum = _mm512_add_ps(sum, a[m][u]);
-    float s = _mm512_reduce_add_ps(sum);
-    const uint16_t* e = xe + m * ldx;
-    const uint16_t* o = xo + m * ldx;
-    for (int64_t t = j; t < half; ++t) {
-      const int8_t bt = w[t];
-      s += bf16_value(e[t]) * static_cast<float>(bt >> 4) +
-           bf16_value(o[t]) * static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(bt) << 4) >> 4);
-    }
-    acc[m] = s;
+    acc[m] = _mm512_reduce_add_ps(sum) + int4_dot(xe + m * ldx, xo + m * ldx, w, j, half);
   }
 }
 
@@ -346,10 +338,7 @@ __attribute__((target("avx2,fma"))) void rows_int8_avx2_t(const float* x, int64_
   for (int m = 0; m < M; ++m) {
     __m256 sum = a[m][0];
     for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, a[m][u]);
-    float s = hsum256(sum);
-    const float* xm = x + m * ldx;
-    for (int64_t t = i; t < k; ++t) s += xm[t] * static_cast<float>(w[t]);
-    acc[m] = s;
+    acc[m] = hsum256(sum) + int8_dot(x + m * ldx, w, i, k);
   }
 }
 
@@ -377,15 +366,7 @@ __attribute__((target("avx2,fma"))) void rows_int4_avx2_t(const float* xe, const
   for (int m = 0; m < M; ++m) {
     __m256 sum = a[m][0];
     for (int u = 1; u < 2 * U; ++u) sum = _mm256_add_ps(sum, a[m][u]);
-    float s = hsum256(sum);
-    const float* e = xe + m * ldx;
-    const float* o = xo + m * ldx;
-    for (int64_t t = j; t < half; ++t) {
-      const int8_t bt = w[t];
-      s += e[t] * static_cast<float>(bt >> 4) +
-           o[t] * static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(bt) << 4) >> 4);
-    }
-    acc[m] = s;
+    acc[m] = hsum256(sum) + int4_dot(xe + m * ldx, xo + m * ldx, w, j, half);
   }
 }
 
@@ -407,6 +388,28 @@ void check(const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits
               "scale must be a CPU [out] tensor");
 }
 
+// A 1-D fp32 / fp16 / bf16 tensor read element by element as fp32: the fp16 scales (and biases) are read as they
+// are in every product of every decode step, without a converted copy per call.
+class FloatRow {
+ public:
+  FloatRow(const torch::Tensor& t, const char* name) : t_(t.contiguous()), dtype_(t_.scalar_type()) {
+    TORCH_CHECK(dtype_ == torch::kFloat || dtype_ == torch::kHalf || dtype_ == torch::kBFloat16, name,
+                " must be fp32, fp16 or bf16, got ", dtype_);
+  }
+  int64_t size() const { return t_.numel(); }
+  float operator[](int64_t i) const {
+    switch (dtype_) {
+      case torch::kHalf: return static_cast<float>(t_.const_data_ptr<c10::Half>()[i]);
+      case torch::kBFloat16: return static_cast<float>(t_.const_data_ptr<c10::BFloat16>()[i]);
+      default: return t_.const_data_ptr<float>()[i];
+    }
+  }
+
+ private:
+  torch::Tensor t_;
+  at::ScalarType dtype_;
+};
+
 // One output element: the fp32 row sum times the fp16 scale (exact in fp32), plus the bias in fp32, rounded once
 // to the output dtype.
 template <typename T>
@@ -416,17 +419,16 @@ inline void store(T* out, float value) { *out = static_cast<T>(value); }
 void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, const torch::Tensor& scale_in,
                   int64_t bits, const c10::optional<torch::Tensor>& bias_in, torch::Tensor& out) {
   const auto weight = weight_in.contiguous();
-  const auto scale = scale_in.to(torch::kFloat).contiguous();
+  const FloatRow scale(scale_in, "scale");
   const int64_t n = weight.size(0);
   const int64_t k = bits == 8 ? weight.size(1) : weight.size(1) * 2;
   const int64_t rows = x_in.size(0);
   if (rows == 0 || n == 0) return;
-  torch::Tensor bias;
+  c10::optional<FloatRow> bias;
   if (bias_in.has_value()) {
-    bias = bias_in->to(torch::kFloat).contiguous();
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == n, "bias must be [", n, "]");
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == n, "bias must be [", n, "]");
+    bias.emplace(*bias_in, "bias");
   }
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const Isa chosen = isa();
   // bf16 x on an AVX512-BF16 CPU stays bf16 (even / odd columns for 4 bits); otherwise an fp32 copy
   const bool bf16_x = chosen == Isa::kAvx512Bf16 && x_in.scalar_type() == torch::kBFloat16;
@@ -439,15 +441,14 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
     xa = xf.slice(1, 0, k, 2).contiguous();
     xb = xf.slice(1, 1, k, 2).contiguous();
   }
-  const float* sp = scale.data_ptr<float>();
   const int8_t* wp = weight.data_ptr<int8_t>();
   const int64_t ldw = weight.size(1);
   const int64_t ldx = xa.size(1);
   auto finish = [&](auto* op, int64_t m0, int64_t mb, int64_t begin, int64_t end, const float* sums) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t m = 0; m < mb; ++m) {
-        const float v = sums[(r - begin) * mb + m] * sp[r];
-        store(op + (m0 + m) * n + r, bp ? v + bp[r] : v);
+        const float v = sums[(r - begin) * mb + m] * scale[r];
+        store(op + (m0 + m) * n + r, bias ? v + (*bias)[r] : v);
       }
   };
   auto write = [&](int64_t m0, int64_t mb, int64_t begin, int64_t end, const float* sums) {
@@ -584,15 +585,7 @@ void dequant_row(const int8_t* wr, float s, int64_t ldw, int64_t bits, Isa chose
     return;
   }
 #endif
-  if (bits == 8) {
-    for (int64_t i = 0; i < ldw; ++i) o[i] = static_cast<float>(wr[i]) * s;
-  } else {
-    for (int64_t j = 0; j < ldw; ++j) {
-      const int8_t b = wr[j];
-      o[2 * j] = static_cast<float>(b >> 4) * s;
-      o[2 * j + 1] = static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(b) << 4) >> 4) * s;
-    }
-  }
+  dequant_tail(wr, s, bits, 0, ldw, o);
 }
 
 #ifdef GLM_X86
@@ -618,7 +611,7 @@ void dequantize_into(const torch::Tensor& weight_in, const torch::Tensor& scale_
                      int64_t stop, const torch::Tensor& out) {
   check(weight_in, scale_in, bits);
   const auto weight = weight_in.contiguous();
-  const auto scale = scale_in.to(torch::kFloat).contiguous();
+  const FloatRow scale(scale_in, "scale");
   TORCH_CHECK(0 <= start && start <= stop && stop <= weight.size(0), "rows [", start, ", ", stop, ") out of range");
   const int64_t ldw = weight.size(1);
   const int64_t k = bits == 8 ? ldw : ldw * 2;
@@ -626,7 +619,6 @@ void dequantize_into(const torch::Tensor& weight_in, const torch::Tensor& scale_
   TORCH_CHECK(out.device().is_cpu() && (out.scalar_type() == torch::kFloat || bf16) && out.is_contiguous() &&
                   out.dim() == 2 && out.size(0) >= stop - start && out.size(1) == k,
               "out must be a contiguous fp32 or bf16 CPU tensor of at least [", stop - start, ", ", k, "]");
-  const float* sp = scale.data_ptr<float>();
   const int8_t* wp = weight.data_ptr<int8_t>();
   const Isa chosen = isa();
   at::parallel_for(start, stop, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, k)), [&](int64_t begin, int64_t end) {
@@ -634,10 +626,10 @@ void dequantize_into(const torch::Tensor& weight_in, const torch::Tensor& scale_
     for (int64_t r = begin; r < end; ++r) {
       const int8_t* wr = wp + r * ldw;
       if (!bf16) {
-        dequant_row(wr, sp[r], ldw, bits, chosen, out.data_ptr<float>() + (r - start) * k);
+        dequant_row(wr, scale[r], ldw, bits, chosen, out.data_ptr<float>() + (r - start) * k);
         continue;
       }
-      dequant_row(wr, sp[r], ldw, bits, chosen, row.data());
+      dequant_row(wr, scale[r], ldw, bits, chosen, row.data());
       c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + (r - start) * k;
 #ifdef GLM_X86
       if (chosen >= Isa::kAvx512) {
