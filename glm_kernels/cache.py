@@ -97,22 +97,21 @@ class GLMKVCache(Cache):
         dtype: that of the model.
         device: that of the model, or one device per layer for a model spread over several
             (`model.transformer.layer_devices()`).
+        prefix_len: prefix columns to reserve, instead of `config.pre_seq_len`: a prefix from another
+            `PrefixEncoder` (`encoder.key_values(...)`, written with `write_prefix` before the first
+            forward) runs over a base model without one; the model's mask follows the cache.
     """
 
     def __init__(self, config, batch_size: int, max_length: int, dtype=torch.float32,
-                 device: torch.device | str | int | Sequence = "cpu"):
+                 device: torch.device | str | int | Sequence = "cpu", prefix_len: int | None = None):
         if max_length > config.max_sequence_length:
             raise ValueError(f"max_length={max_length} exceeds the model's max_sequence_length="
                              f"{config.max_sequence_length}")
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"GLMKVCache needs batch_size >= 1 and max_length >= 1, got {batch_size}, {max_length}")
-        self.prefix_len = config.pre_seq_len or 0
-        self.filled = 0  # positions written, prefix included
-        self.prefix_written = self.prefix_len == 0
-        self.mask: GLMMask | None = None  # the rows' GLM mask, set by the first forward (set_mask)
-        self.padded = True  # whether any row is left-padded (known once the mask is set)
-        self._masks: dict[torch.device, GLMMask] = {}  # self.mask on each layer device
-        self._checked = None  # (batch, dtype, layer devices) the cache was last checked against
+        prefix_len = (config.pre_seq_len or 0) if prefix_len is None else prefix_len
+        if prefix_len < 0:
+            raise ValueError(f"GLMKVCache prefix_len must be >= 0, got {prefix_len}")
         if isinstance(device, (list, tuple)):
             if len(device) != config.num_layers:
                 raise ValueError(f"GLMKVCache got {len(device)} devices for {config.num_layers} layers")
@@ -121,17 +120,62 @@ class GLMKVCache(Cache):
             devices = [torch.device(device)] * config.num_layers
         nh = config.num_attention_heads
         hd = config.hidden_size // nh
-        shape = (batch_size, nh, self.prefix_len + max_length, hd)
-        layers = [GLMCacheLayer(torch.zeros(shape, dtype=dtype, device=d), torch.zeros(shape, dtype=dtype, device=d),
-                                self)
-                  for d in devices]
-        super().__init__(layers=layers)
+        shape = (batch_size, nh, prefix_len + max_length, hd)
+        self._adopt([torch.zeros(shape, dtype=dtype, device=d) for d in devices],
+                    [torch.zeros(shape, dtype=dtype, device=d) for d in devices], prefix_len)
+
+    def _adopt(self, keys, values, prefix_len: int) -> None:
+        self.prefix_len = prefix_len
+        self._uncounted = prefix_len  # written columns that are not tokens (get_seq_length)
+        self.filled = 0  # positions written, prefix included
+        self.prefix_written = self.prefix_len == 0
+        self.mask: GLMMask | None = None  # the rows' GLM mask, set by the first forward (set_mask)
+        self.padded = True  # whether any row is left-padded (known once the mask is set)
+        self._masks: dict[torch.device, GLMMask] = {}  # self.mask on each layer device
+        self._checked = None  # (batch, dtype, layer devices) the cache was last checked against
+        super().__init__(layers=[GLMCacheLayer(k, v, self) for k, v in zip(keys, values)])
+
+    @classmethod
+    def from_buffers(cls, keys, values, filled: int, mask: GLMMask | None, padded: bool | None = None,
+                     seq_length: int | None = None) -> GLMKVCache:
+        """A cache over buffers the caller owns (continuous batching: views of the first rows of a pool).
+
+        `keys`, `values`: per layer `[b, nh, capacity, hd]` (views are written through); `filled`: positions
+        already written (no prefix columns: a row's prefix is part of its tokens); `mask`: the rows' `GLMMask`
+        (per-row `pad` = the first column the row uses), which the next forwards take as the cache's;
+        `padded`: whether any `pad` is non-zero (read from the mask when not given: a host sync on a GPU);
+        `seq_length`: tokens of the longest row (default `filled`), what `get_seq_length` reports and the
+        model's position checks see: padding and prefix columns are not tokens.
+        """
+        if len(keys) != len(values) or not keys:
+            raise ValueError(f"GLMKVCache.from_buffers needs one key and one value buffer per layer, got "
+                             f"{len(keys)} and {len(values)}")
+        for i, (k, v) in enumerate(zip(keys, values)):
+            if k.dim() != 4 or k.shape != v.shape or k.shape[:2] != keys[0].shape[:2] or \
+                    k.shape[2:] != keys[0].shape[2:]:
+                raise ValueError(f"GLMKVCache.from_buffers: layer {i} keys {list(k.shape)} / values "
+                                 f"{list(v.shape)} are not [b, nh, capacity, hd] like layer 0's {list(keys[0].shape)}")
+        if not 0 <= filled <= keys[0].shape[2]:
+            raise ValueError(f"GLMKVCache.from_buffers: filled={filled} outside [0, {keys[0].shape[2]}]")
+        cache = cls.__new__(cls)
+        cache._adopt(list(keys), list(values), 0)
+        cache.filled = filled
+        if seq_length is not None:
+            if not 0 < seq_length <= filled:
+                raise ValueError(f"GLMKVCache.from_buffers: seq_length={seq_length} outside [1, filled={filled}]")
+            cache._uncounted = filled - seq_length
+        if mask is not None:
+            if mask.batch != keys[0].shape[0] or mask.prefix_len != 0:
+                raise ValueError(f"GLMKVCache.from_buffers: the mask is for {mask.batch} rows with prefix_len="
+                                 f"{mask.prefix_len}, the buffers hold {keys[0].shape[0]} rows and no prefix columns")
+            cache.set_mask(mask, padded=bool(mask.pad.any()) if padded is None else padded)
+        return cache
 
     # ------------------------------------------------------------------ transformers' Cache interface
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens in the cache (prefix not counted), as `input_ids` columns already processed."""
-        return max(0, self.filled - self.prefix_len) if self.prefix_written else 0
+        return max(0, self.filled - self._uncounted) if self.prefix_written else 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.layers[0].get_max_length()
@@ -216,6 +260,14 @@ class GLMKVCache(Cache):
 
     def write_prefix(self, prompt) -> None:
         """Write the P-Tuning prefix (per layer a `[2, P, b, nh, hd]` tensor from `get_prompt`, on any device) once."""
+        prompt = list(prompt)
+        if len(prompt) != len(self.layers):
+            raise ValueError(f"the prefix has {len(prompt)} layers, the KV cache {len(self.layers)}")
+        k0 = self.layers[0].keys
+        want = (2, self.prefix_len, k0.shape[0], k0.shape[1], k0.shape[3])
+        if tuple(prompt[0].shape) != want:
+            raise ValueError(f"the prefix's layer 0 keys and values are {list(prompt[0].shape)}, the KV cache "
+                             f"expects [2, prefix_len, batch, heads, head_dim] = {list(want)}")
         for i, kv in enumerate(prompt):
             k, v = self.seq_view(i)
             k[: self.prefix_len].copy_(kv[0])

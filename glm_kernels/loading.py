@@ -578,6 +578,12 @@ def load_ptuning_checkpoint(model, path) -> None:
     if base.pre_seq_len is None:
         raise ValueError("the model has no prefix encoder (config.pre_seq_len is None); build or load it with "
                          "pre_seq_len equal to the checkpoint's")
+    load_prefix_encoder(base.prefix_encoder, path, base.config)
+
+
+def load_prefix_encoder(encoder, path, config) -> None:
+    """Load a P-Tuning v2 checkpoint into a `PrefixEncoder` built from `config` (its `pre_seq_len`,
+    `prefix_projection`, layers and hidden size); checked whole before anything is copied."""
     files = checkpoint_files(path)
     state = {}
     for file in files:
@@ -590,11 +596,11 @@ def load_ptuning_checkpoint(model, path) -> None:
                 raise ValueError(f"{file} holds {key}, which is not a prefix-encoder key: a P-Tuning checkpoint "
                                  "holds only transformer.prefix_encoder.* (load full weights with from_pretrained)")
             state[short] = (file, tensor)
-    targets = base.prefix_encoder.state_dict(keep_vars=True)
+    targets = encoder.state_dict(keep_vars=True)
     has_trans = any(k.startswith("trans.") for k in state)
-    if has_trans != base.prefix_projection:
+    if has_trans != encoder.prefix_projection:
         raise ValueError(f"P-Tuning checkpoint {path} was trained with prefix_projection={has_trans}, the model "
-                         f"has prefix_projection={base.prefix_projection}")
+                         f"has prefix_projection={encoder.prefix_projection}")
     missing, unexpected = targets.keys() - state.keys(), state.keys() - targets.keys()
     if missing or unexpected:
         raise ValueError(f"P-Tuning checkpoint {path} does not match the prefix encoder: "
@@ -604,7 +610,7 @@ def load_ptuning_checkpoint(model, path) -> None:
         if tuple(tensor.shape) != tuple(targets[key].shape):
             raise ValueError(f"{PREFIX_KEY}{key} in {file} has shape {list(tensor.shape)}, the model expects "
                              f"{list(targets[key].shape)}" + _shape_hint(PREFIX_KEY + key, tuple(tensor.shape),
-                                                                         base.config))
+                                                                         config))
     with torch.no_grad():
         for key, (_, tensor) in state.items():
             targets[key].copy_(tensor)

@@ -57,6 +57,8 @@ class PrefixEncoder(nn.Module):
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
         self.prefix_projection = config.prefix_projection
+        self.num_layers, self.num_attention_heads = config.num_layers, config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
         width = 2 * config.num_layers * config.hidden_size
         if self.prefix_projection:
             self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
@@ -71,6 +73,18 @@ class PrefixEncoder(nn.Module):
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         x = self.embedding(prefix)
         return self.trans(x) if self.prefix_projection else x
+
+    def key_values(self, batch_size: int, device, dtype, dropout=None):
+        """The prefix as attention keys and values: per layer a `[2, P, b, nh, hd]` tensor (key, value), in
+        `dtype` on `device`, what `GLMKVCache.write_prefix` takes. `dropout`: applied to the encoder output
+        (the model's, while training)."""
+        P = self.embedding.num_embeddings
+        tokens = torch.arange(P, device=execution_device(self)).unsqueeze(0).expand(batch_size, -1)
+        past = self(tokens).to(device=device, dtype=dtype)
+        past = past.view(batch_size, P, self.num_layers * 2, self.num_attention_heads, self.head_dim)
+        if dropout is not None:
+            past = dropout(past)
+        return past.permute([2, 1, 0, 3, 4]).split(2)
 
 
 class RotaryEmbedding(nn.Module):
@@ -361,12 +375,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     def get_prompt(self, batch_size, device, dtype=torch.half):
         """The P-Tuning v2 prefix: per layer a `(key, value)` pair, each `[P, b, nh, hd]` in `dtype` on `device`."""
-        tokens = self.prefix_tokens.to(execution_device(self.prefix_encoder)).unsqueeze(0).expand(batch_size, -1)
-        past = self.prefix_encoder(tokens).to(device=device, dtype=dtype)
-        past = past.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.num_attention_heads,
-                         self.hidden_size_per_attention_head)
-        past = self.dropout(past)
-        return past.permute([2, 1, 0, 3, 4]).split(2)
+        return self.prefix_encoder.key_values(batch_size, device, dtype, dropout=self.dropout)
 
     def rotary_table(self, dtype, device):
         """`(cos, sin)` for every position, in `dtype` on `device` (built once per dtype and device)."""
@@ -430,7 +439,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if lo < 0 or hi >= limit:
             raise ValueError(f"position_ids holds {lo if lo < 0 else hi}, outside [0, max_sequence_length={limit})")
 
-    def _glm_mask(self, attention_mask, pad, context, batch, seq, past_length, recognise=True):
+    def _glm_mask(self, attention_mask, pad, context, batch, seq, past_length, prefix, recognise=True):
         """The mask for the attention op: a compact `GLMMask` whenever the mask is GLM's, else the bool mask.
 
         - No mask: the GLM mask of the rows' context lengths (the position of
@@ -443,7 +452,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
           reads the mask on the host); any other mask is kept as it is, with the
           P-Tuning prefix columns prepended as visible.
         """
-        prefix = self.pre_seq_len or 0
         if attention_mask is None or attention_mask.dim() == 2:
             if pad is None and context is None:
                 return None
@@ -538,6 +546,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 glm = attention_mask if isinstance(attention_mask, GLMMask) else None
                 cache.set_mask(glm, padded=glm is not None and bool(glm.pad.any()))  # one host sync, first step only
                 if not cache.prefix_written:
+                    if self.pre_seq_len != cache.prefix_len:
+                        raise ValueError(f"the KV cache reserves {cache.prefix_len} prefix columns, the model's prefix "
+                                         f"encoder has pre_seq_len={self.pre_seq_len}: write the prefix with "
+                                         "cache.write_prefix(encoder.key_values(...)) before the first forward")
                     cache.write_prefix(self.get_prompt(batch, prompt_device, dtype))
             layer_pasts = [CacheSlot(cache, i) for i in range(self.num_layers)]
         elif past_key_values is not None:
@@ -629,7 +641,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             position_ids = glm_inputs.get_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
                                                        cfg.gmask_token_id, pad=pad)
         self._check_positions(position_ids, batch, seq, past_length, check)
-        mask = self._glm_mask(attention_mask, pad, context, batch, seq, past_length, recognise=check or first)
+        prefix = cache.prefix_len if cache is not None else (self.pre_seq_len or 0)  # the cache's prefix rules
+        mask = self._glm_mask(attention_mask, pad, context, batch, seq, past_length, prefix, recognise=check or first)
         return position_ids, mask, lambda device: None if mask is None else mask.to(device)
 
 
