@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .tools.chat import add_parser as add_chat_parser
 
     add_chat_parser(sub)
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     from .tools.bench_table import add_parser as add_bench_table_parser
 
     add_bench_table_parser(sub)

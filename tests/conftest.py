@@ -77,3 +77,22 @@ def isa(request):
     previous = module.set_isa(request.param)
     yield request.param
     module.set_isa(previous)
+
+
+@pytest.fixture(scope="session")
+def serve_prefix_dirs(tmp_path_factory):
+    """Two P-Tuning checkpoints (pre_seq_len 4 and 9, the second with the projection) over the demo base."""
+    from serve_helpers import write_prefixes
+
+    return write_prefixes(tmp_path_factory.mktemp("prefixes"))
+
+
+@pytest.fixture(scope="session")
+def served_tiny(serve_prefix_dirs):
+    """A real server on 127.0.0.1 (background thread) over the demo's tiny base model and two prefixes."""
+    from serve_helpers import load_base, make_engine, served
+
+    model, tokenizer = load_base()
+    engine = make_engine(model, tokenizer, serve_prefix_dirs, max_batch_size=8)
+    with served(engine, serve_prefix_dirs) as server:
+        yield server
