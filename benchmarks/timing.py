@@ -80,6 +80,14 @@ def measure(benchmark, group, impl, fn, *, device, dtype, rounds=None, warmup_ro
     return None
 
 
+def stamp(device) -> float:
+    """A point in time (seconds) after the work queued on `device` is done: for latencies inside a timed case
+    (serving: when each token of each request came out)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def best_seconds(fn, device, repeats: int = 5) -> float:
     """The fastest call of `fn()` in seconds (after one warm-up call on the CPU; do_bench warms up itself)."""
     if torch.device(device).type == "cuda":

@@ -198,6 +198,22 @@ def test_cases_timed_on_an_oversubscribed_cpu_are_marked():
     assert "† timed while the 1-minute load average was above 2.5" in table
 
 
+def test_serving_cases_show_throughput_and_latency_per_implementation():
+    run = {"started": "2026-01-01T00:00:00+00:00", "torch": "t", "triton": "tr", "load_start": [0.5],
+           "load_end": [0.5]}
+    case = dict(case="16 streams", suite="serve", dtype="bf16", timing="pytest-benchmark", run="r",
+                glm_kernels_ms=8000.0, reference_ms=60000.0, speedup=7.5, streams=16,
+                glm_kernels_tokens_per_s=64.0, reference_tokens_per_s=8.5, glm_kernels_tpot_p50_ms=205.0,
+                glm_kernels_tpot_p99_ms=250.5, reference_tpot_p50_ms=120.0, reference_tpot_p99_ms=128.0,
+                glm_kernels_latency_p50_ms=7700.0, glm_kernels_latency_p99_ms=7800.0,
+                reference_latency_p50_ms=35000.0, reference_latency_p99_ms=60000.0)
+    data = {"machine": {"device": "cpu", "device_name": "X", "cpu_count": 2}, "runs": {"r": run}, "cases": [case]}
+    header, _, row = bench_table.render_table(data, "serve").splitlines()[:3]
+    assert "glm_kernels tokens/s" in header and "reference ms/token p50 / p99" in header
+    assert row == ("| 16 streams | bf16 | 8000 | 60000 | 7.50x | 64.0 | 205.0 / 250.5 | 7700 / 7800 | 8.5 | "
+                   "120.0 / 128.0 | 35000 / 60000 |")
+
+
 def test_bench_table_cli_updates_and_checks_a_readme(fake_cuda, tmp_path, capsys):
     records, run = _run(fake_cuda, {("ops", "rope"): ({}, {})})
     bench_table.save(bench_table.cases_from_benchmarks(records, "run1", run), "run1", run, tmp_path / "results")
@@ -221,7 +237,7 @@ def test_bench_table_cli_updates_and_checks_a_readme(fake_cuda, tmp_path, capsys
 def test_readme_tables_are_rendered_from_the_committed_results():
     text = (ROOT / "README.md").read_text()
     markers = list(bench_table.MARKER.finditer(text))
-    assert {m["suite"] for m in markers} >= {"ops", "model_forward", "decode", "ptune_step"}
+    assert {m["suite"] for m in markers} >= {"ops", "model_forward", "decode", "ptune_step", "quant", "serve"}
     for m in markers:
         assert (ROOT / m["path"]).parent == BENCH / "results", m["path"]
     assert bench_table.update_text(text, ROOT) == text, "run: glm-kernels bench-table --update README.md"

@@ -215,6 +215,41 @@ def test_full_queue_gets_429_and_timeouts_504(slow_engine):
         assert r.choices[0].finish_reason == "length"  # the server serves on
 
 
+def test_a_failing_request_gets_500_and_the_others_finish(serve_prefix_dirs, monkeypatch):
+    from glm_kernels.serve.text import TextStream
+
+    push = TextStream.push
+
+    def fragile(self, token_id):  # requests with this stop string break in the engine's text handling
+        if "@@boom" in self.stop:
+            raise RuntimeError("boom")
+        return push(self, token_id)
+
+    monkeypatch.setattr(TextStream, "push", fragile)
+    model, tokenizer = load_base()
+    with served(make_engine(model, tokenizer, serve_prefix_dirs), serve_prefix_dirs) as server:
+        c = client(server)
+        jobs = [("short", QUESTIONS[0], None), ("long", QUESTIONS[1], "@@boom"), (BASE_NAME, QUESTIONS[2], None),
+                ("long", QUESTIONS[3], None)]
+
+        def run(job):
+            model_name, question, stop = job
+            try:
+                return c.chat.completions.create(model=model_name, messages=user(question), max_tokens=10,
+                                                 temperature=0, stop=stop).choices[0].message.content
+            except openai.APIStatusError as err:
+                return err
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(run, jobs))
+        failed = results[1]
+        assert isinstance(failed, openai.InternalServerError) and "boom" in str(failed)
+        for (model_name, question, _), answer in zip(jobs, results):
+            if answer is not failed:
+                assert answer == solo_answer(serve_prefix_dirs, model_name, question, 10)[0]
+        assert httpx.get(server.url + "/health").json()["finished"]["error"] == 1
+
+
 def test_command_line_server(serve_prefix_dirs, tmp_path):
     """`glm-kernels serve` in its own process: a wrong pre_seq_len is refused before listening; a good
     start answers curl-style requests on 127.0.0.1."""

@@ -189,7 +189,7 @@ class Engine:
         self.check(model, len(prompt_ids), params.max_new_tokens)
         generator = None
         if not params.greedy:
-            generator = torch.Generator(device=self.devices[-1])
+            generator = torch.Generator()  # draws on the CPU: the same answer for a seed on any device
             generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ())))
         deadline = time.monotonic() + timeout if timeout else float("inf")
         request = Request(next(self._ids), prefix, list(prompt_ids), params, callback, deadline,

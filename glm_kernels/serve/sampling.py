@@ -26,7 +26,7 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch
 
 def sample_rows(logits: torch.Tensor, params, generators) -> torch.Tensor:
     """`[n]` int64 next tokens from fp32 `logits [n, vocab]`; `params[i]`: `SamplingParams` of row i,
-    `generators[i]`: its `torch.Generator` (unused for greedy rows)."""
+    `generators[i]`: its CPU `torch.Generator` (unused for greedy rows)."""
     logits = logits.float().clone()
     invalid = ~torch.isfinite(logits).all(dim=1)
     if bool(invalid.any()):
@@ -40,5 +40,5 @@ def sample_rows(logits: torch.Tensor, params, generators) -> torch.Tensor:
                            torch.tensor([params[i].temperature for i in sampled], device=logits.device),
                            torch.tensor([params[i].top_p for i in sampled], device=logits.device))
     for j, i in enumerate(sampled):
-        tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+        tokens[i] = torch.multinomial(probs[j].cpu(), 1, generator=generators[i])[0]
     return tokens
