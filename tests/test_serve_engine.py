@@ -10,7 +10,7 @@ from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 from glm_kernels.serve import SamplingParams, load_prefix
 from glm_kernels.serve.sampling import filtered_probs, sample_rows
 from glm_kernels.serve.text import BadRequest, TextStream, messages_to_chat
-from glm_kernels.generation import build_prompt
+from glm_kernels.generation import build_prompt, process_response
 from serve_helpers import BASE_NAME, PREFIXES, load_base, make_engine, solo_answer
 
 PROMPTS = ["你好", "类型#裙*颜色#红色*风格#复古", "类型#上衣*颜色#白色*图案#条纹",
@@ -63,6 +63,34 @@ def test_batched_greedy_equals_each_request_alone(base, serve_prefix_dirs):
     assert engine.steps < sum(ev.completion_tokens for _, ev in results.values())
     assert engine.moves["row"] > 0 and engine.moves["right"] > 0
     assert engine.stats()["running"] == 0 and engine.filled == 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_base_batches_like_solo(serve_prefix_dirs, bits):
+    """`glm-kernels serve --quantization-bit N`: an INT8/INT4 base, prefixes in fp32 over it, batched answers
+    equal generate() alone on the same quantized model with the prefix loaded the usual way."""
+    from glm_kernels import ChatGLMForConditionalGeneration, ChatGLMTokenizer
+    from serve_helpers import BASE
+
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(BASE), quantization_bit=bits).eval()
+    tok = ChatGLMTokenizer.from_pretrained(str(BASE))
+    engine = make_engine(model, tok, serve_prefix_dirs, max_batch_size=3)
+    jobs = [([BASE_NAME, "short", "long"][i % 3], PROMPTS[i % 4], 6 + 4 * (i % 3)) for i in range(6)]
+    results = run_all(engine, jobs)
+    for i, (name, prompt, n) in enumerate(jobs):
+        if name == BASE_NAME:
+            solo = model
+        else:
+            length, projection, _, _ = PREFIXES[name]
+            solo = ChatGLMForConditionalGeneration.from_pretrained(
+                str(BASE), quantization_bit=bits, pre_seq_len=length, prefix_projection=projection,
+                ptuning_checkpoint=str(serve_prefix_dirs[name])).eval()
+        inputs = tok([prompt], return_tensors="pt")
+        ids = solo.generate(**inputs, max_new_tokens=n, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+        assert results[i][1].completion_tokens == len(ids), f"job {i}"
+        if tok.eos_token_id in ids:
+            ids = ids[:ids.index(tok.eos_token_id)]
+        assert results[i][0] == process_response(tok.decode(ids)), f"job {i} {name}"
 
 
 def test_pool_wraps_around_its_end(base, serve_prefix_dirs):

@@ -176,13 +176,12 @@ def test_original_api_route(served_tiny):
 def test_client_disconnect_frees_the_row(slow_engine):
     engine = slow_engine(max_batch_size=2)
     with served(engine) as server:
-        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=30, json={
-                "model": "short", "messages": user("你好"), "max_tokens": 1000, "temperature": 0,
-                "stream": True}) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data:")
-            wait_until(lambda: engine.stats()["running"] == 1)
-        wait_until(lambda: engine.stats()["running"] == 0)  # closed: cancelled at the next step
+        stream = client(server).chat.completions.create(model="short", messages=user("你好"), max_tokens=1000,
+                                                        temperature=0, stream=True)
+        assert next(iter(stream)).choices[0].delta.role == "assistant"
+        wait_until(lambda: engine.stats()["running"] == 1)
+        stream.close()  # the client goes away mid-answer
+        wait_until(lambda: engine.stats()["running"] == 0)  # cancelled at the next step
         assert engine.finished["cancelled"] == 1
         # a non-streamed request whose client gives up is cancelled too
         with pytest.raises(httpx.ReadTimeout):

@@ -144,17 +144,18 @@ def create_app(engine: Engine, timeout: float | None = 600.0) -> FastAPI:
                     return "".join(text), ev
             if time.monotonic() >= next_check:  # checked on time, also while tokens keep coming
                 next_check = time.monotonic() + DISCONNECT_POLL
-                if await request.is_disconnected():
+                if await request.is_disconnected():  # nobody to answer: end with what the engine says
                     handle.cancel()
-                    raise asyncio.CancelledError
+                    return "".join(text), Event("", "cancelled", error="the client disconnected")
 
     def failed(ev: Event) -> JSONResponse | None:
         if ev.finish_reason == "timeout":
             return error(504, f"the request did not finish within {timeout:g} s", "timeout_error")
         if ev.finish_reason == "error":
             return error(500, ev.error or "the request failed", "server_error")
-        if ev.finish_reason == "cancelled":
-            return error(503, ev.error or "the request was cancelled", "server_error")
+        if ev.finish_reason == "cancelled":  # the client left (nobody reads this) or the server is stopping
+            return error(499 if ev.error == "the client disconnected" else 503, ev.error or "cancelled",
+                         "server_error")
         return None
 
     @app.post("/v1/chat/completions")
