@@ -200,6 +200,14 @@ def test_sampling_rules_match_transformers():
         scores = TopPLogitsWarper(p.top_p)(None, TemperatureLogitsWarper(p.temperature)(None, logits[row:row + 1]))
         assert torch.allclose(probs[row], scores.softmax(-1)[0], atol=1e-6, rtol=1e-5)  # fp32 softmax rounding
         assert torch.equal(probs[row] > 0, torch.isfinite(scores[0]))
+    # rows whose nucleus is wider than the TOP_K candidates sorted first (a flat distribution) take the full sort
+    flat = torch.randn(3, 2000) * 0.05
+    wide = filtered_probs(flat, torch.tensor([1.0, 0.9, 1.0]), torch.tensor([0.9, 0.5, 0.01]))
+    for row, (t, p) in enumerate(((1.0, 0.9), (0.9, 0.5), (1.0, 0.01))):
+        scores = TopPLogitsWarper(p)(None, TemperatureLogitsWarper(t)(None, flat[row:row + 1]))
+        assert torch.allclose(wide[row], scores.softmax(-1)[0], atol=1e-6, rtol=1e-5)
+        assert torch.equal(wide[row] > 0, torch.isfinite(scores[0]))
+    assert (wide[0] > 0).sum() > 256 and (wide[2] > 0).sum() < 256
     greedy = SamplingParams(1, temperature=0)
     mixed = [greedy, params[0], greedy]
     gens = [None, torch.Generator().manual_seed(3), None]
