@@ -118,6 +118,9 @@ def test_sampling_with_a_seed_is_reproducible(served_tiny):
     answers = {c.chat.completions.create(model="short", messages=user(QUESTIONS[0]), max_tokens=12, temperature=0.9,
                                          top_p=0.9, seed=7).choices[0].message.content for _ in range(2)}
     assert len(answers) == 1
+    for seed in (-1, 2**70):  # OpenAI takes any integer
+        r = c.chat.completions.create(model="short", messages=user(QUESTIONS[0]), max_tokens=4, seed=seed)
+        assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_stop_strings_end_the_answer(served_tiny):

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import Counter
+import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -190,7 +190,7 @@ class Engine:
         generator = None
         if not params.greedy:
             generator = torch.Generator()  # draws on the CPU: the same answer for a seed on any device
-            generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ())))
+            generator.manual_seed(secrets.randbits(63) if params.seed is None else params.seed % 2**64)
         deadline = time.monotonic() + timeout if timeout else float("inf")
         request = Request(next(self._ids), prefix, list(prompt_ids), params, callback, deadline,
                           TextStream(self.tokenizer, params.stop), generator)
