@@ -5,6 +5,10 @@ import re
 import subprocess
 import sys
 
+from glm_kernels.cli import build_parser
+from glm_kernels.serve import SamplingParams
+from glm_kernels.serve.cli import build_engine
+
 
 def test_demo_learns_the_style_and_chat_uses_the_prefix(tmp_path):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -26,3 +30,14 @@ def test_demo_learns_the_style_and_chat_uses_the_prefix(tmp_path):
     assert chat.group(1) == first["predict"]  # chat() with the prefix answers as the batched prediction did
     assert chat.group(1).startswith("姐妹们冲！")  # in the style the prefix was trained on
     assert (tmp_path / "ptune" / "loss_curve.png").is_file()
+    # the command the demo prints serves the trained prefix: the same answer from the batching engine
+    served = re.search(r"^  glm-kernels (serve --model \S+ --ptuning demo=\S+)$", out.stdout, re.M)
+    query = re.search(r"问：(.*)\n", out.stdout).group(1)
+    assert served, out.stdout[-1000:]
+    engine = build_engine(build_parser().parse_args(served.group(1).split()))
+    events = []
+    engine.submit("demo", engine.tokenizer(query)["input_ids"], SamplingParams(max_new_tokens=64, temperature=0),
+                  events.append)
+    while not events or not events[-1].finish_reason:
+        engine.step()
+    assert "".join(e.text for e in events) == chat.group(1) and events[-1].finish_reason == "stop"

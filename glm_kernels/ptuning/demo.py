@@ -130,6 +130,8 @@ def run_demo(output_dir: str = "demo-output", max_steps: int | None = None, seed
         f"{time.perf_counter() - started:.0f} s in all")
     say(f"outputs in {root}/: ptune/ (checkpoint, prefix pytorch_model.bin, metrics.jsonl, loss_curve.png), "
         "*/generated_predictions.txt, demo.log")
+    say(f"serve the trained prefix beside the base model (web chat at http://127.0.0.1:8000/):\n"
+        f"  glm-kernels serve --model {BASE_DIR} --ptuning demo={root / 'ptune'}")
     return {"before_train": before_train, "after_train": after_train, "before_dev": before_dev,
             "after_dev": after_dev, "losses": losses, "chat": (query, answer)}
 
