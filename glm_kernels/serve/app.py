@@ -12,7 +12,8 @@ Routes:
 
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request
 (the message says which field and why), 404 for an unknown model, 429 when the queue is full, 504
-when a request runs out of time. A client that disconnects cancels its request.
+when a request runs out of time, 500 when this request failed in the engine (the others go on). A
+client that disconnects cancels its request (a non-streamed one ends with 499, which nobody reads).
 """
 from __future__ import annotations
 
