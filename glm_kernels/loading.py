@@ -581,6 +581,22 @@ def load_ptuning_checkpoint(model, path) -> None:
     load_prefix_encoder(base.prefix_encoder, path, base.config)
 
 
+def ptuning_settings(directory, pre_seq_len: int | None = None) -> dict:
+    """What a P-Tuning checkpoint needs of the model, from the `config.json` saved beside its weights:
+    `pre_seq_len` (the one given, as THUDM's `--pre_seq_len`, wins over the file's), `prefix_projection`, and the
+    model-shape fields the file records (`num_layers`, `hidden_size`, `num_attention_heads`)."""
+    config_file = Path(directory) / "config.json"
+    saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    pre_seq_len = saved.get("pre_seq_len") if pre_seq_len is None else pre_seq_len
+    if pre_seq_len is None:
+        raise FileNotFoundError(f"{config_file} not found or without pre_seq_len: pass the prefix length "
+                                "(--pre-seq-len)")
+    if not isinstance(pre_seq_len, int) or pre_seq_len < 1:
+        raise ValueError(f"{directory}: pre_seq_len must be a positive integer, got {pre_seq_len!r}")
+    shape = {k: saved[k] for k in ("num_layers", "hidden_size", "num_attention_heads") if k in saved}
+    return {"pre_seq_len": pre_seq_len, "prefix_projection": bool(saved.get("prefix_projection", False)), **shape}
+
+
 def load_prefix_encoder(encoder, path, config) -> None:
     """Load a P-Tuning v2 checkpoint into a `PrefixEncoder` built from `config` (its `pre_seq_len`,
     `prefix_projection`, layers and hidden size); checked whole before anything is copied."""

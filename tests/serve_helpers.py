@@ -53,19 +53,21 @@ def make_engine(model, tokenizer, prefix_dirs, **kwargs) -> Engine:
     return Engine(model, tokenizer, prefixes, **kwargs)
 
 
-def solo_answer(prefix_dirs, model_name: str, prompt: str, max_new_tokens: int, _cache={}):
+def solo_answer(prefix_dirs, model_name: str, prompt: str, max_new_tokens: int, quantization_bit: int = 0,
+                _cache={}):
     """(answer, generated tokens, finish reason) of one greedy request run alone with `generate()` on a model
-    loaded with its prefix the usual way (`from_pretrained(..., pre_seq_len, ptuning_checkpoint)`), the
-    answer cut and post-processed as `chat()` does."""
-    key = model_name
+    loaded with its prefix the usual way (`from_pretrained(..., pre_seq_len, ptuning_checkpoint)`, quantized
+    to `quantization_bit` if given), the answer cut and post-processed as `chat()` does."""
+    key = (model_name, quantization_bit)
     if key not in _cache:
+        quant = {"quantization_bit": quantization_bit} if quantization_bit else {}
         if model_name == BASE_NAME:
-            model = ChatGLMForConditionalGeneration.from_pretrained(str(BASE))
+            model = ChatGLMForConditionalGeneration.from_pretrained(str(BASE), **quant)
         else:
             length, projection, _, _ = PREFIXES[model_name]
             model = ChatGLMForConditionalGeneration.from_pretrained(
                 str(BASE), pre_seq_len=length, prefix_projection=projection,
-                ptuning_checkpoint=str(prefix_dirs[model_name]))
+                ptuning_checkpoint=str(prefix_dirs[model_name]), **quant)
         _cache[key] = (model.eval(), ChatGLMTokenizer.from_pretrained(str(BASE)))
     model, tokenizer = _cache[key]
     inputs = tokenizer([prompt], return_tensors="pt")

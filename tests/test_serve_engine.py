@@ -10,7 +10,7 @@ from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 from glm_kernels.serve import SamplingParams, load_prefix
 from glm_kernels.serve.sampling import filtered_probs, sample_rows
 from glm_kernels.serve.text import BadRequest, TextStream, messages_to_chat
-from glm_kernels.generation import build_prompt, process_response
+from glm_kernels.generation import build_prompt
 from serve_helpers import BASE_NAME, PREFIXES, load_base, make_engine, solo_answer
 
 PROMPTS = ["你好", "类型#裙*颜色#红色*风格#复古", "类型#上衣*颜色#白色*图案#条纹",
@@ -78,19 +78,9 @@ def test_quantized_base_batches_like_solo(serve_prefix_dirs, bits):
     jobs = [([BASE_NAME, "short", "long"][i % 3], PROMPTS[i % 4], 6 + 4 * (i % 3)) for i in range(6)]
     results = run_all(engine, jobs)
     for i, (name, prompt, n) in enumerate(jobs):
-        if name == BASE_NAME:
-            solo = model
-        else:
-            length, projection, _, _ = PREFIXES[name]
-            solo = ChatGLMForConditionalGeneration.from_pretrained(
-                str(BASE), quantization_bit=bits, pre_seq_len=length, prefix_projection=projection,
-                ptuning_checkpoint=str(serve_prefix_dirs[name])).eval()
-        inputs = tok([prompt], return_tensors="pt")
-        ids = solo.generate(**inputs, max_new_tokens=n, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
-        assert results[i][1].completion_tokens == len(ids), f"job {i}"
-        if tok.eos_token_id in ids:
-            ids = ids[:ids.index(tok.eos_token_id)]
-        assert results[i][0] == process_response(tok.decode(ids)), f"job {i} {name}"
+        text, tokens, _ = solo_answer(serve_prefix_dirs, name, prompt, n, quantization_bit=bits)
+        assert results[i][1].completion_tokens == tokens, f"job {i}"
+        assert results[i][0] == text, f"job {i} {name}"
 
 
 def test_pool_wraps_around_its_end(base, serve_prefix_dirs):
@@ -235,7 +225,6 @@ def test_streamed_pieces_add_up_to_the_answer(base):
         stream = TextStream(tok)
         sent = "".join(stream.push(i)[0] for i in ids) + stream.finish()
         assert sent == stream.text, (trial, ids)
-    text = TextStream(tok)
     ids = tok("这款红色裙子复古优雅。白色条纹上衣", add_special_tokens=False)["input_ids"]
     for stop in ("优雅", "裙子复古", "。白"):
         stream = TextStream(tok, stop=(stop,))
@@ -247,7 +236,6 @@ def test_streamed_pieces_add_up_to_the_answer(base):
                 break
         assert stopped and stop not in "".join(pieces)
         assert "".join(pieces) == stream.text == "这款红色裙子复古优雅。白色条纹上衣".split(stop)[0]
-    del text
 
 
 def test_messages_become_the_original_prompt():

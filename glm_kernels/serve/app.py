@@ -111,9 +111,8 @@ def create_app(engine: Engine, timeout: float | None = 600.0) -> FastAPI:
     async def page():
         return (resources.files(__package__) / "static" / "index.html").read_text(encoding="utf-8")
 
-    def submit(model: str, prompt: str, max_new_tokens: int | None, params: dict, on_event):
-        """Tokenize, check and queue; raises BadRequest / UnknownModel / QueueFull."""
-        ids = engine.tokenizer(prompt)["input_ids"]
+    def submit(model: str, ids: list[int], max_new_tokens: int | None, params: dict, on_event):
+        """Check and queue; raises BadRequest / UnknownModel / QueueFull."""
         limit = engine.check(model, len(ids), max_new_tokens)
         return engine.submit(model, ids, SamplingParams(max_new_tokens=limit, **params), on_event, timeout=timeout)
 
@@ -149,15 +148,25 @@ def create_app(engine: Engine, timeout: float | None = 600.0) -> FastAPI:
                     handle.cancel()
                     return "".join(text), Event("", "cancelled", error="the client disconnected")
 
-    def failed(ev: Event) -> JSONResponse | None:
+    def problem(ev: Event) -> tuple[int, str, str] | None:
+        """(HTTP status, message, error type) of a request that ended without an answer, else None."""
         if ev.finish_reason == "timeout":
-            return error(504, f"the request did not finish within {timeout:g} s", "timeout_error")
+            return 504, f"the request did not finish within {timeout:g} s", "timeout_error"
         if ev.finish_reason == "error":
-            return error(500, ev.error or "the request failed", "server_error")
+            return 500, ev.error or "the request failed", "server_error"
         if ev.finish_reason == "cancelled":  # the client left (nobody reads this) or the server is stopping
-            return error(499 if ev.error == "the client disconnected" else 503, ev.error or "cancelled",
-                         "server_error")
+            return 499 if ev.error == "the client disconnected" else 503, ev.error or "cancelled", "server_error"
         return None
+
+    async def answer(request: Request, events, handle) -> tuple[str, Event] | JSONResponse:
+        """A non-streamed request's text and last event, or the error response when it has no answer."""
+        try:
+            text, last = await collect(request, events, handle)
+        finally:
+            if not handle.done:
+                handle.cancel()
+        failed = problem(last)
+        return (text, last) if failed is None else error(*failed)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -175,7 +184,7 @@ def create_app(engine: Engine, timeout: float | None = 600.0) -> FastAPI:
             query, history = messages_to_chat(body.messages)
             events, on_event = queue_of()
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            handle = submit(body.model, chat_prompt(query, history), max_tokens,
+            handle = submit(body.model, engine.tokenizer(chat_prompt(query, history))["input_ids"], max_tokens,
                             dict(temperature=body.temperature, top_p=body.top_p, stop=tuple(stop), seed=body.seed),
                             on_event)
         except (BadRequest, UnknownModel, QueueFull) as err:
@@ -186,14 +195,10 @@ def create_app(engine: Engine, timeout: float | None = 600.0) -> FastAPI:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return EventSourceResponse(stream(events, handle, completion_id, created, body.model, include_usage),
                                        ping=15)
-        try:
-            text, last = await collect(request, events, handle)
-        finally:
-            if not handle.done:
-                handle.cancel()
-        problem = failed(last)
-        if problem is not None:
-            return problem
+        result = await answer(request, events, handle)
+        if isinstance(result, JSONResponse):
+            return result
+        text, last = result
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -212,10 +217,9 @@ def create_app(engine: Engine, timeout: float | None = 600.0) -> FastAPI:
             yield {"data": chunk({"role": "assistant", "content": ""})}
             while True:
                 ev = await events.get()
-                if ev.finish_reason in ("timeout", "error", "cancelled"):
-                    kind = "timeout_error" if ev.finish_reason == "timeout" else "server_error"
-                    message = f"the request did not finish within {timeout:g} s" if ev.finish_reason == "timeout" \
-                        else ev.error or "the request failed"
+                failed = problem(ev)
+                if failed is not None:
+                    _, message, kind = failed
                     yield {"data": json.dumps({"error": {"message": message, "type": kind}})}
                     return
                 if ev.text:
@@ -241,24 +245,21 @@ def create_app(engine: Engine, timeout: float | None = 600.0) -> FastAPI:
             history = [tuple(turn) for turn in item.history]
             prompt = chat_prompt(item.prompt, history)
             model = item.model or engine.model_names[0]
-            n_prompt = len(engine.tokenizer(prompt)["input_ids"])
+            ids = engine.tokenizer(prompt)["input_ids"]
+            n_prompt = len(ids)
             if item.max_length <= n_prompt:
                 raise BadRequest(f"max_length={item.max_length} leaves no room for an answer after the prompt's "
                                  f"{n_prompt} tokens", "max_length")
             room = engine.check(model, n_prompt, None)  # the prompt must fit the server's context
             events, on_event = queue_of()
-            handle = submit(model, prompt, min(room, item.max_length - n_prompt),
+            handle = submit(model, ids, min(room, item.max_length - n_prompt),
                             dict(temperature=item.temperature, top_p=item.top_p), on_event)
         except (BadRequest, UnknownModel, QueueFull) as err:
             return refused(err)
-        try:
-            response, last = await collect(request, events, handle)
-        finally:
-            if not handle.done:
-                handle.cancel()
-        problem = failed(last)
-        if problem is not None:
-            return problem
+        result = await answer(request, events, handle)
+        if isinstance(result, JSONResponse):
+            return result
+        response, _ = result
         now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
         return {"response": response, "history": [list(t) for t in history] + [[item.prompt, response]],
                 "status": 200, "time": now}

@@ -12,12 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 
 def build_engine(args):
     """(engine, load messages) from the command-line arguments; ValueError / FileNotFoundError if refused."""
-    from .. import ChatGLMForConditionalGeneration, ChatGLMTokenizer
+    from ..tools.chat import load_model
     from .engine import Engine
     from .prefixes import base_prefix, load_prefix, parse_ptuning_arg
 
@@ -31,14 +29,8 @@ def build_engine(args):
     if duplicate:
         raise ValueError(f"model names must be unique; {', '.join(sorted(duplicate))} is given twice "
                          "(--model-name names the base model)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("auto" if device == "cuda" else "float32")
-    overrides = {"kernel_backend": args.backend} if args.backend else {}
-    if args.quantization_bit:
-        overrides["quantization_bit"] = args.quantization_bit
-    tokenizer = ChatGLMTokenizer.from_pretrained(str(model_dir))
-    model = ChatGLMForConditionalGeneration.from_pretrained(str(model_dir), torch_dtype=dtype, device=device,
-                                                            **overrides)
+    overrides = {"quantization_bit": args.quantization_bit} if args.quantization_bit else {}
+    model, tokenizer = load_model(model_dir, args.device, args.dtype, args.backend, **overrides)
     prefixes = {base_name: base_prefix(base_name, model)}
     for name, directory in named:  # all checked before the server listens
         prefixes[name] = load_prefix(name, directory, model, args.pre_seq_len)
@@ -69,7 +61,10 @@ def main(args) -> int:
 
 def add_parser(sub) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching over P-Tuning "
-                                         "prefixes, and a web chat page")
+                                         "prefixes, and a web chat page",
+                           description="OpenAI-compatible server (/v1/chat/completions, /v1/models, /health, the "
+                                       "original api.py POST /, a chat page at /) over one base model and named "
+                                       "P-Tuning prefixes, batched together. Details: docs/serving.md")
     serve.add_argument("--model", required=True, help="base checkpoint directory (config.json, weights, "
                                                       "ice_text.model)")
     serve.add_argument("--ptuning", action="append", default=[], metavar="NAME=DIR",
@@ -78,13 +73,16 @@ def add_parser(sub) -> None:
                        help="the prefixes' length (default: each checkpoint's config.json); a checkpoint of another "
                             "length is refused")
     serve.add_argument("--model-name", default=None, help="the base model's name (default: the directory's name)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                          "only)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
     serve.add_argument("--dtype", default=None, help="float32, float16, bfloat16 or auto (default: auto on CUDA, "
                                                      "float32 on the CPU)")
     serve.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    serve.add_argument("--backend", choices=["torch", "triton"], default=None)
-    serve.add_argument("--quantization-bit", type=int, choices=[4, 8], default=None)
+    serve.add_argument("--backend", choices=["torch", "triton"], default=None,
+                       help="kernel backend (default: by device, or $GLM_KERNELS_BACKEND)")
+    serve.add_argument("--quantization-bit", type=int, choices=[4, 8], default=None,
+                       help="quantize the base model's weights to INT8/INT4 while loading")
     serve.add_argument("--max-batch-size", type=int, default=8, help="rows decoded together (default 8)")
     serve.add_argument("--max-prefill-tokens", type=int, default=4096,
                        help="prompt tokens admitted per decoding step (default 4096)")
@@ -92,5 +90,5 @@ def add_parser(sub) -> None:
     serve.add_argument("--max-context", type=int, default=None,
                        help="prompt + answer tokens per request (default: the model's max_sequence_length)")
     serve.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", help="uvicorn's: debug, info, warning, error")
     serve.set_defaults(func=main)

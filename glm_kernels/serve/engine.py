@@ -30,7 +30,7 @@ import secrets
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -102,8 +102,6 @@ class Request:
     position: int = 0  # GLM position of every answer token (the [gMASK] position)
     block: int = 1  # block position of the last token fed
     start: int = 0  # first pool column of the row
-    text: str = ""
-    submitted: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -439,7 +437,6 @@ class Engine:
         self.finished[reason] += 1
         if error is None:
             piece += request.stream.finish()
-        request.text = request.stream.text
         try:
             request.callback(Event(piece, reason, len(request.prompt_ids), request.generated, error))
         except Exception:

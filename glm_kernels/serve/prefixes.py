@@ -10,14 +10,13 @@ cache; the base weights are shared by every prefix.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..loading import load_prefix_encoder
+from ..loading import load_prefix_encoder, ptuning_settings
 from ..modeling import PrefixEncoder
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -45,25 +44,15 @@ def parse_ptuning_arg(text: str) -> tuple[str, Path]:
 
 
 def _prefix_config(base_config, directory: Path, pre_seq_len: int | None):
-    """The base config with the checkpoint's `pre_seq_len` / `prefix_projection` (from DIR/config.json)."""
-    saved = {}
-    config_file = directory / "config.json"
-    if config_file.is_file():
-        saved = json.loads(config_file.read_text())
-    checkpoint_len = saved.get("pre_seq_len")
-    if pre_seq_len is None:
-        pre_seq_len = checkpoint_len
-    if pre_seq_len is None:
-        raise ValueError(f"{directory}: no pre_seq_len in {config_file} (missing or null): pass --pre-seq-len")
-    if not isinstance(pre_seq_len, int) or pre_seq_len < 1:
-        raise ValueError(f"{directory}: pre_seq_len must be a positive integer, got {pre_seq_len!r}")
+    """The base config with the checkpoint's `pre_seq_len` / `prefix_projection`; a checkpoint trained on a
+    model of another shape is refused."""
+    settings = ptuning_settings(directory, pre_seq_len)
     for field in ("num_layers", "hidden_size", "num_attention_heads"):
-        if field in saved and saved[field] != getattr(base_config, field):
-            raise ValueError(f"{directory} was trained on a model with {field}={saved[field]}, the base model has "
+        if field in settings and settings[field] != getattr(base_config, field):
+            raise ValueError(f"{directory} was trained on a model with {field}={settings[field]}, the base model has "
                              f"{field}={getattr(base_config, field)}")
-    config = base_config.__class__.from_dict({**base_config.to_dict(), "pre_seq_len": pre_seq_len,
-                                              "prefix_projection": bool(saved.get("prefix_projection", False))})
-    return config
+    return base_config.__class__.from_dict({**base_config.to_dict(), "pre_seq_len": settings["pre_seq_len"],
+                                            "prefix_projection": settings["prefix_projection"]})
 
 
 def load_prefix(name: str, directory, model, pre_seq_len: int | None = None) -> Prefix:
@@ -83,11 +72,7 @@ def load_prefix(name: str, directory, model, pre_seq_len: int | None = None) -> 
     except ValueError as err:
         raise ValueError(f"--ptuning {name}={directory}: {err}") from None
     encoder.to(model.dtype).eval()  # computed as a model of this dtype computes its own prefix
-    devices = model.transformer.layer_devices()
-    with torch.no_grad():
-        kv = encoder.key_values(1, "cpu", model.dtype)
-    key_values = [t.to(d).contiguous() for t, d in zip(kv, devices)]
-    return Prefix(name, config.pre_seq_len, key_values, str(directory))
+    return Prefix(name, config.pre_seq_len, _key_values(encoder, model), str(directory))
 
 
 def base_prefix(name: str, model) -> Prefix:
@@ -95,7 +80,11 @@ def base_prefix(name: str, model) -> Prefix:
     transformer = model.transformer
     if transformer.pre_seq_len is None:
         return Prefix(name, 0, None, "base")
-    devices = transformer.layer_devices()
+    return Prefix(name, transformer.pre_seq_len, _key_values(transformer.prefix_encoder, model), "base")
+
+
+def _key_values(encoder, model) -> list[torch.Tensor]:
+    """The encoder's per-layer `[2, P, 1, nh, hd]` keys and values, each on its layer's device."""
     with torch.no_grad():
-        kv = transformer.prefix_encoder.key_values(1, "cpu", model.dtype)
-    return Prefix(name, transformer.pre_seq_len, [t.to(d).contiguous() for t, d in zip(kv, devices)], "base")
+        kv = encoder.key_values(1, "cpu", model.dtype)
+    return [t.to(d).contiguous() for t, d in zip(kv, model.transformer.layer_devices())]

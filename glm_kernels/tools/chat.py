@@ -6,37 +6,40 @@ Type a message and press enter; `clear` starts a new conversation, `stop` (or en
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from ..loading import ptuning_settings
+
+
+def load_model(model_dir, device=None, dtype=None, backend=None, **overrides):
+    """(model, tokenizer) of a checkpoint directory for inference: on CUDA when there is one, in its own dtype
+    there and float32 on the CPU unless `dtype` says otherwise; `overrides`: config fields and
+    `from_pretrained` arguments (`pre_seq_len`, `ptuning_checkpoint`, `quantization_bit`, ...)."""
+    from .. import ChatGLMForConditionalGeneration, ChatGLMTokenizer
+
+    tokenizer = ChatGLMTokenizer.from_pretrained(str(model_dir))
+    if backend:
+        overrides["kernel_backend"] = backend
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("auto" if device == "cuda" else "float32")
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(model_dir), torch_dtype=dtype, device=device,
+                                                            **overrides)
+    return model, tokenizer
+
 
 def load(args):
     """(model, tokenizer) from the command-line arguments."""
-    from .. import ChatGLMForConditionalGeneration, ChatGLMTokenizer
-
-    model_dir = Path(args.model)
-    tokenizer = ChatGLMTokenizer.from_pretrained(str(model_dir))
     overrides = {}
-    pre_seq_len = args.pre_seq_len
-    if args.ptuning_checkpoint and pre_seq_len is None:
-        config_file = Path(args.ptuning_checkpoint) / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: pass --pre-seq-len with --ptuning-checkpoint")
-        saved = json.loads(config_file.read_text())
-        pre_seq_len = saved.get("pre_seq_len")
-        overrides["prefix_projection"] = bool(saved.get("prefix_projection", False))
-    if pre_seq_len is not None:
-        overrides["pre_seq_len"] = pre_seq_len
-    if args.backend:
-        overrides["kernel_backend"] = args.backend
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("auto" if device == "cuda" else "float32")
-    model = ChatGLMForConditionalGeneration.from_pretrained(
-        str(model_dir), torch_dtype=dtype, device=device, ptuning_checkpoint=args.ptuning_checkpoint, **overrides)
-    return model, tokenizer
+    if args.ptuning_checkpoint:
+        settings = ptuning_settings(args.ptuning_checkpoint, args.pre_seq_len)
+        overrides = dict(pre_seq_len=settings["pre_seq_len"], prefix_projection=settings["prefix_projection"],
+                         ptuning_checkpoint=args.ptuning_checkpoint)
+    elif args.pre_seq_len is not None:
+        overrides["pre_seq_len"] = args.pre_seq_len
+    return load_model(Path(args.model), args.device, args.dtype, args.backend, **overrides)
 
 
 def main(args, stdin=None, stdout=None) -> int:
