@@ -11,7 +11,10 @@ reads (the packed bytes and scales for quantized matrices), measured on the mode
 `timing.read_floor_seconds` just before and just after the timed case (the faster of the two: DRAM bandwidth on
 this VM drifts between ~27 and ~48 GB/s). It is recorded with each decode case, with the bandwidth it implies.
 Each case also records the memory of the loaded weights (`model_mib`: parameters and buffers as held, packed forms
-included).
+included), and each quantized decode case the time of the step's quantized products alone (`products_ms`: every
+`QuantizedLinear` of the model, the LM head included, on one bf16 row, best of 5), which splits the step into what
+its products cost against the floor and what the rest of the step (attention, norms, rotation, GeLU, sampling-free
+Python of 8 layers) adds.
 
 Goal (issue 9): INT8 >= 1.6x and INT4 >= 2.5x faster than bf16 decoding, each >= 70% of its own floor (floor /
 time >= 0.7). chatglm.cpp 0.4.2 on the same random weights, context 128, 2 threads, measured on this machine
@@ -25,7 +28,8 @@ import torch
 
 from glm_kernels import ChatGLMConfig, ChatGLMForConditionalGeneration
 from glm_kernels.cache import GLMKVCache
-from timing import measure, read_floor_around
+from glm_kernels.quant.modules import QuantizedLinear
+from timing import best_seconds, measure, read_floor_around
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
@@ -71,6 +75,20 @@ def read_per_token(model) -> list:
     return [t for t in held_tensors(model) if t.data_ptr() not in rotary]
 
 
+def products_seconds(model) -> float:
+    """The quantized products of one decode step alone: each `QuantizedLinear` of `model` (the four of every block
+    and the LM head) on one row of x in the model's dtype, in the step's order, fastest of 5."""
+    linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    rows = [torch.randn(1, m.in_features, dtype=model.dtype, device=DEVICE) for m in linears]
+
+    def products():
+        with torch.no_grad():
+            for module, x in zip(linears, rows):
+                module(x)
+
+    return best_seconds(products, DEVICE)
+
+
 def decode_step(model):
     """One token over a cache of CONTEXT tokens (the cache's fill is kept fixed across rounds)."""
     cfg = model.config
@@ -101,6 +119,8 @@ def test_decode(benchmark, bits, impl):
     with read_floor_around(benchmark, weights, DEVICE):
         measure(benchmark, f"decode 1 token at context {CONTEXT}, INT{bits} vs bf16", impl, decode_step(model),
                 device=DEVICE, dtype=f"int{bits}", rounds=7, model_mib=held_bytes(model) / 2**20)
+    if impl == "glm_kernels":
+        benchmark.extra_info["products_ms"] = products_seconds(model) * 1e3
 
 
 @pytest.mark.parametrize("impl", ["glm_kernels", "reference"])

@@ -214,6 +214,21 @@ def test_serving_cases_show_throughput_and_latency_per_implementation():
                    "120.0 / 128.0 | 35000 / 60000 |")
 
 
+def test_quantized_decode_cases_show_the_floor_and_the_products_alone():
+    run = {"started": "2026-01-01T00:00:00+00:00", "torch": "t", "triton": "tr", "load_start": [0.5],
+           "load_end": [0.5]}
+    case = dict(case="decode", suite="quant", dtype="int4", timing="pytest-benchmark", run="r",
+                glm_kernels_ms=20.0, reference_ms=100.0, speedup=5.0, floor_ms=10.0, bandwidth_gbs=32.0,
+                products_ms=12.5)
+    data = {"machine": {"device": "cpu", "device_name": "X", "cpu_count": 2}, "runs": {"r": run},
+            "cases": [case, dict(case, case="prefill", floor_ms=None, bandwidth_gbs=None, products_ms=None)]}
+    header, _, decode, prefill = bench_table.render_table(data, "quant").splitlines()[:4]
+    assert header.endswith("| weight-read floor ms | glm_kernels at % of floor | read bandwidth GB/s | "
+                           "products alone ms | products at % of floor |")
+    # 10 / 20 of the step, 10 / 12.5 for the products alone
+    assert decode.endswith("| 10.0 | 50% | 32.0 | 12.5 | 80% |") and prefill.endswith("| - | - | - | - | - |")
+
+
 def test_bench_table_cli_updates_and_checks_a_readme(fake_cuda, tmp_path, capsys):
     records, run = _run(fake_cuda, {("ops", "rope"): ({}, {})})
     bench_table.save(bench_table.cases_from_benchmarks(records, "run1", run), "run1", run, tmp_path / "results")
