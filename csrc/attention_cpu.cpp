@@ -24,6 +24,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "isa.h"
 
 namespace {
@@ -134,8 +135,10 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
   });
 }
 
-torch::Tensor attention_few(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in,
-                            const c10::optional<torch::Tensor>& mask_in) {
+}  // namespace
+
+torch::Tensor glm_kernels::attention_few(const torch::Tensor& q_in, const torch::Tensor& k_in,
+                                         const torch::Tensor& v_in, const c10::optional<torch::Tensor>& mask_in) {
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "q, k, v must be [s, b, nh, hd]");
   TORCH_CHECK(q_in.device().is_cpu() && k_in.device().is_cpu() && v_in.device().is_cpu(), "q, k, v must be on the CPU");
   TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type() && q_in.scalar_type() == v_in.scalar_type(),
@@ -168,8 +171,6 @@ torch::Tensor attention_few(const torch::Tensor& q_in, const torch::Tensor& k_in
   return out;
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(glm_kernels, m) {
-  m.def("attention_few(Tensor q, Tensor k, Tensor v, Tensor? mask=None) -> Tensor", &attention_few);
+  m.def("attention_few(Tensor q, Tensor k, Tensor v, Tensor? mask=None) -> Tensor", &glm_kernels::attention_few);
 }

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "isa.h"
 
 namespace {
@@ -553,8 +554,8 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const to
 }
 
 // y [M, N] in x's dtype = x @ (q * scale)^T + bias: gemv with the bias added in fp32 before the one rounding.
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits,
-                     const c10::optional<torch::Tensor>& bias) {
+torch::Tensor glm_kernels::linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                                  int64_t bits, const c10::optional<torch::Tensor>& bias) {
   check(weight, scale, bits);
   check_x(x, weight, bits);
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kHalf ||
@@ -688,7 +689,7 @@ std::string set_isa(const std::string& name) {
 // The operators, as torch.ops.glm_kernels.* (visible to the profiler and to torch.library tooling).
 TORCH_LIBRARY(glm_kernels, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor scale, int bits) -> Tensor", &gemv);
-  m.def("linear(Tensor x, Tensor weight, Tensor scale, int bits, Tensor? bias=None) -> Tensor", &linear);
+  m.def("linear(Tensor x, Tensor weight, Tensor scale, int bits, Tensor? bias=None) -> Tensor", &glm_kernels::linear);
   m.def("dequantize(Tensor weight, Tensor scale, int bits, int start, int stop) -> Tensor", &dequantize);
   m.def("dequantize_into(Tensor weight, Tensor scale, int bits, int start, int stop, Tensor(a!) out) -> ()",
         &dequantize_into);
@@ -703,5 +704,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the best instruction set this CPU supports");
   m.def("set_isa", &set_isa, "use another build of the loops (scalar, avx2, avx512f, avx512bf16); returns the previous",
         py::arg("name"));
-  m.attr("VERSION") = 7;
+  m.attr("VERSION") = 8;
 }

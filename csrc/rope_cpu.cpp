@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "cpu_ops.h"
+
 namespace {
 
 template <typename T>
@@ -72,7 +74,9 @@ void rope_rows(const torch::Tensor& mixed, const torch::Tensor& pos, const torch
   });
 }
 
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rope_qkv(
+}  // namespace
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> glm_kernels::rope_qkv(
     const torch::Tensor& mixed_in, const torch::Tensor& position_ids, const torch::Tensor& cos_in,
     const torch::Tensor& sin_in, int64_t num_heads, const c10::optional<torch::Tensor>& k_out,
     const c10::optional<torch::Tensor>& v_out) {
@@ -122,10 +126,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rope_qkv(
   return {q, k, v};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_FRAGMENT(glm_kernels, m) {
   m.def("rope_qkv(Tensor mixed, Tensor position_ids, Tensor cos, Tensor sin, int num_heads, Tensor(a!)? k_out=None, "
         "Tensor(b!)? v_out=None) -> (Tensor, Tensor, Tensor)",
-        &rope_qkv);
+        &glm_kernels::rope_qkv);
 }

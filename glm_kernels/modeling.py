@@ -26,7 +26,7 @@ from .ops.mask import GLMMask
 from .ops.rotary import inv_freq
 from .placement import execution_device
 from .quant.layout import check_bits
-from .quant.modules import (BLOCK_LINEARS, QuantizedEmbedding, QuantizedLinear, is_quantized, linear,
+from .quant.modules import (BLOCK_LINEARS, QuantizedEmbedding, QuantizedLinear, is_quantized, linear, linear_parts,
                             quantized_modules)
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,18 @@ class GLMBlock(nn.Module):
     def forward(self, hidden_states, position_ids, attention_mask, rotary, layer_past=None, use_cache=False,
                 output_attentions=False, backend=None, residual=None):
         ln_in, ln_post = self.input_layernorm, self.post_attention_layernorm
+        if isinstance(layer_past, CacheSlot) and not output_attentions and hidden_states.device.type == "cpu":
+            # CPU decoding: the same operators in one C++ call when the call is one it takes (ops/block.py)
+            attn, mlp = self.attention, self.mlp
+            linears = [linear_parts(m) for m in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h,
+                                                 mlp.dense_4h_to_h)]
+            fused = ops.block_infer(hidden_states, residual, ALPHA, self.eps,
+                                    (ln_in.weight, ln_in.bias, ln_post.weight, ln_post.bias), linears, position_ids,
+                                    rotary, attn.num_attention_heads,
+                                    layer_past.cache.slots(layer_past.layer_idx, hidden_states.shape[0]),
+                                    attention_mask, backend)
+            if fused is not None:
+                return fused[0], fused[1], None, None
         if residual is None:
             a = ops.layer_norm(hidden_states, ln_in.weight, ln_in.bias, self.eps, backend=backend)
         else:

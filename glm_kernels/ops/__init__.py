@@ -5,6 +5,7 @@ Each function here is what the model calls; the implementation behind it
 """
 from ..backend import plan as kernel_plan
 from .attention import glm_attention
+from .block import block_infer
 from .gelu import bias_gelu
 from .layernorm import layer_norm, residual_layer_norm
 from .lm_loss import fused_linear_cross_entropy
@@ -17,6 +18,7 @@ __all__ = [
     "GLMMask",
     "apply_rotary_2d",
     "bias_gelu",
+    "block_infer",
     "fused_linear_cross_entropy",
     "glm_attention",
     "kernel_plan",

@@ -351,6 +351,19 @@ def linear(module: nn.Module, x: torch.Tensor, backend=None, bias: bool = True) 
     return F.linear(x, module.weight)
 
 
+def linear_parts(module: nn.Module):
+    """`(weight, scale, bias, bits)` as `ops.block_infer` takes them: an `nn.Linear` as (weight, None, bias, 0), a
+    `QuantizedLinear` holding THUDM's bytes as (int8 weight, fp16 scale, bias, bits); None for another form (the
+    repacked CPU int4 form used without the extension)."""
+    if isinstance(module, QuantizedLinear):
+        if module.weight.dtype != torch.int8:
+            return None
+        return module.weight.detach(), module.weight_scale.detach(), module.bias, module.bits
+    if isinstance(module, nn.Linear):
+        return module.weight, None, module.bias, 0
+    return None
+
+
 def quantized_modules(model: nn.Module):
     """`(name, module)` of every quantized module in `model`."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]

@@ -1,0 +1,24 @@
+// The extension's operators that other source files compose (csrc/block_cpu.cpp): declared once here, defined in
+// their own files, registered there with TORCH_LIBRARY_FRAGMENT.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace glm_kernels {
+
+// csrc/quant_cpu.cpp: y [M, N] in x's dtype = x [M, K] @ (q * scale)^T + bias, THUDM's INT8/INT4 bytes
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits,
+                     const c10::optional<torch::Tensor>& bias);
+
+// csrc/attention_cpu.cpp: attention of a few query rows [sq, b, nh, hd] over k, v [sk, b, nh, hd] -> [sq, b, nh * hd]
+torch::Tensor attention_few(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                            const c10::optional<torch::Tensor>& mask);
+
+// csrc/rope_cpu.cpp: split of the fused QKV output, GLM's 2D rotation, k and v written into the cache views
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rope_qkv(
+    const torch::Tensor& mixed, const torch::Tensor& position_ids, const torch::Tensor& cos, const torch::Tensor& sin,
+    int64_t num_heads, const c10::optional<torch::Tensor>& k_out, const c10::optional<torch::Tensor>& v_out);
+
+}  // namespace glm_kernels

@@ -1,0 +1,66 @@
+"""One GLM block of CPU inference over a KV cache in a single call (`glm_kernels._C`'s `block_infer`).
+
+A decoded token runs ~40 small Python calls per block (module calls, backend dispatch, argument checks) around
+the products; on the CPU that is ~0.15 ms per block, 7% of an INT4 token of the benchmark model. `block_infer`
+runs the same operators in C++ in the same order (csrc/block_cpu.cpp): the residual joins, the LayerNorms, the
+four products (the extension's `linear` for THUDM's INT8/INT4 bytes, `at::linear` for float weights),
+`rope_qkv` writing the cache, `attention_few`, the bias + GeLU. Its results are bitwise those of the block run
+op by op (tests/test_block_infer.py), so the model takes it whenever the call is one the op-by-op path would run
+on exactly those operators, and otherwise runs op by op.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend as backend_mod
+from .. import cpu_ext
+from .attention import FEW_ROWS
+from .mask import GLMMask
+from .quant_linear import EXTENSION_MAX_ROWS
+from .rotary import FEW_TOKENS
+
+# Tests turn this off to compare against the op-by-op path.
+ENABLED = True
+
+
+def block_infer(hidden, residual, alpha: float, eps: float, norms, linears, position_ids, rotary, num_heads: int,
+                slots, mask, backend=None):
+    """The block's `(m, mlp(m))` in one call, or None when this call is not one it takes.
+
+    Args:
+        hidden, residual: `[s, b, h]` (residual None for the first block); the block input is
+            `hidden * alpha + residual`.
+        norms: `(ln_in.weight, ln_in.bias, ln_post.weight, ln_post.bias)`.
+        linears: four `(weight, scale, bias, bits)` (query_key_value, dense, dense_h_to_4h, dense_4h_to_h): a
+            float weight with scale None and bits 0, or THUDM's int8 bytes, fp16 row scale, bits 8 or 4; None
+            for a linear in another form (the call is then not taken).
+        position_ids: `[b, 2, s]`; rotary: `(cos, sin)` tables in hidden's dtype.
+        slots: the cache's `(k_out, v_out, k_all, v_all)` views for this layer (`GLMKVCache.slots`).
+        mask: None, a bool `[b or 1, 1, s, sk]` mask or a `GLMMask`.
+    Taken when: the extension is built, everything is on the CPU, the backend is torch (automatic or
+    requested), at most as many rows as the extension's product, `rope_qkv` and `attention_few` each take
+    (`s * b` and `s`), and nothing needs a gradient.
+    """
+    ext = cpu_ext.extension()
+    if not ENABLED or ext is None or hidden.device.type != "cpu" or any(p is None for p in linears):
+        return None
+    s, b, _ = hidden.shape
+    if s > FEW_ROWS or s * b > min(FEW_TOKENS, EXTENSION_MAX_ROWS.get(hidden.dtype, 0)):
+        return None
+    # on the CPU every op of the block resolves alike: torch unless a backend is requested explicitly
+    if backend_mod.resolve("attention", hidden.device, backend) != "torch":
+        return None
+    k_out, v_out, k_all, v_all = slots
+    if torch.is_grad_enabled() and _needs_grad(hidden, residual, k_all, v_all, *norms,
+                                                *(t for weight, scale, bias, _ in linears for t in (weight, bias))):
+        return None
+    if isinstance(mask, GLMMask):
+        mask = mask.dense(s, k_all.shape[0])
+    weights, scales, biases, bits = zip(*linears)
+    return ext.block_infer(hidden, residual, alpha, eps, list(norms), list(weights), list(scales), list(biases),
+                           list(bits), position_ids, rotary[0], rotary[1], num_heads, k_out, v_out, k_all, v_all,
+                           mask)
+
+
+def _needs_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
