@@ -158,16 +158,26 @@ def test_steps_without_a_mask_keep_the_padding_of_the_first_step():
     assert_fp32_close(cached_mask, torch.stack(grown, 1), 1e-4, "steps with the cache's mask vs the grown mask")
 
 
-def test_mask_scalars_are_built_once_per_generate(monkeypatch):
+@pytest.mark.parametrize("one_call", [False, True], ids=["op-by-op blocks", "one-call blocks"])
+def test_mask_scalars_are_built_once_per_generate(monkeypatch, one_call):
     """No GLMMask is built in a decode step; every layer of every step gets the same mask object, whose
-    scalars are already the attention kernels' int32 (no per-layer conversion)."""
+    scalars are already the attention kernels' int32 (no per-layer conversion). Seen by the attention op of the
+    op-by-op block, and by `ops.block_infer` when the CPU block runs in one call."""
+    import glm_kernels.ops.block as block_mod
+
     model = make_model(tie_word_embeddings=False)
     rows = [[5, 6, 7, GMASK, BOS], [11, GMASK, BOS]]
     ids, mask4d, pos = left_padded_batch(rows, 5)
     masks, built = [], []
-    attention = ops.glm_attention
-    monkeypatch.setattr(ops, "glm_attention", lambda q, k, v, layer_id, mask, *a, **kw:
-                        masks.append((q.shape[0], mask)) or attention(q, k, v, layer_id, mask, *a, **kw))
+    monkeypatch.setattr(block_mod, "ENABLED", one_call)
+    if one_call:
+        block = ops.block_infer
+        monkeypatch.setattr(ops, "block_infer", lambda hidden, *a: masks.append((hidden.shape[0], a[9])) or
+                            block(hidden, *a))
+    else:
+        attention = ops.glm_attention
+        monkeypatch.setattr(ops, "glm_attention", lambda q, k, v, layer_id, mask, *a, **kw:
+                            masks.append((q.shape[0], mask)) or attention(q, k, v, layer_id, mask, *a, **kw))
     post_init = GLMMask.__post_init__
     monkeypatch.setattr(GLMMask, "__post_init__", lambda self: built.append(len(masks)) or post_init(self))
     model.generate(ids, attention_mask=mask4d, position_ids=pos, max_new_tokens=4, min_new_tokens=4,
