@@ -2,11 +2,12 @@
 
 Importing `_C` registers the operators `torch.ops.glm_kernels.*` (`TORCH_LIBRARY`):
 `gemv`, `linear`, `dequantize`, `dequantize_into`, `stream_read` (csrc/quant_cpu.cpp),
-`attention_few` (csrc/attention_cpu.cpp) and `rope_qkv` (csrc/rope_cpu.cpp).
+`attention_few` (csrc/attention_cpu.cpp), `rope_qkv` (csrc/rope_cpu.cpp) and `block_infer`
+(csrc/block_cpu.cpp: a GLM block of CPU decoding in one call, `ops.block_infer`).
 `extension()` is that operator namespace, or None when the extension is not
 built (or was built from other sources, or `GLM_KERNELS_CPU_EXTENSION=0`):
 everything then runs on PyTorch's own kernels (`ops.quant_linear`,
-`ops.glm_attention`, `ops.rope_qkv`), which is slower (docs/quantization.md).
+`ops.glm_attention`, `ops.rope_qkv`) and the blocks op by op, which is slower (docs/quantization.md).
 
 The extension reads THUDM's bytes as they are (`linear`/`gemv`: fp32
 accumulation, the fp16 row scale applied once; `dequantize`: rows of q * scale
