@@ -450,20 +450,21 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
   // x as the loops read it; usually no copy for 8 bits. For 4 bits the even / odd columns go to one new buffer
   // in a plain loop (a decode step makes ~30 of these calls; strided slices cost five ATen ops each).
   const auto xc = x_in.scalar_type() == x_dtype ? x_in.contiguous() : x_in.to(x_dtype).contiguous();
-  torch::Tensor xa, xb;
-  if (bits == 8) {
-    xa = xc;
-  } else {
-    auto halves = torch::empty({2, rows, k / 2}, xc.options());
-    xa = halves[0];
-    xb = halves[1];
-    if (bf16_x) deinterleave(reinterpret_cast<const uint16_t*>(xc.data_ptr()), rows * k / 2,
+  // xa: x (8 bits) or its even columns, xb: the odd ones (4 bits), both [rows, ldx] row-major, in x_dtype
+  torch::Tensor halves;
+  const char* xa = static_cast<const char*>(xc.data_ptr());
+  const char* xb = nullptr;
+  const int64_t ldx = bits == 8 ? k : k / 2;
+  if (bits == 4) {
+    halves = torch::empty({2, rows, ldx}, xc.options());
+    if (bf16_x) deinterleave(reinterpret_cast<const uint16_t*>(xc.data_ptr()), rows * ldx,
                              reinterpret_cast<uint16_t*>(halves.data_ptr()));
-    else deinterleave(xc.data_ptr<float>(), rows * k / 2, halves.data_ptr<float>());
+    else deinterleave(xc.data_ptr<float>(), rows * ldx, halves.data_ptr<float>());
+    xa = static_cast<const char*>(halves.data_ptr());
+    xb = xa + rows * ldx * halves.element_size();
   }
   const int8_t* wp = weight.data_ptr<int8_t>();
   const int64_t ldw = weight.size(1);
-  const int64_t ldx = xa.size(1);
   auto finish = [&](auto* op, int64_t m0, int64_t mb, int64_t begin, int64_t end, const float* sums) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t m = 0; m < mb; ++m) {
@@ -484,8 +485,8 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
     if (bf16_x) {
       // Whole weight rows, one after the other: each thread streams its contiguous share of the weight. The
       // bf16 rows of x (at most 8 x 16 KiB for ChatGLM-6B's widest input) stay in L1/L2.
-      const auto* xap = reinterpret_cast<const uint16_t*>(xa.data_ptr<at::BFloat16>()) + m0 * ldx;
-      const auto* xbp = bits == 4 ? reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()) + m0 * ldx
+      const auto* xap = reinterpret_cast<const uint16_t*>(xa) + m0 * ldx;
+      const auto* xbp = bits == 4 ? reinterpret_cast<const uint16_t*>(xb) + m0 * ldx
                                   : nullptr;
       at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
         std::vector<float> sums((end - begin) * mb);
@@ -499,8 +500,8 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
       continue;
     }
 #endif
-    const float* xap = xa.data_ptr<float>() + m0 * ldx;
-    const float* xbp = bits == 4 ? xb.data_ptr<float>() + m0 * ldx : nullptr;
+    const float* xap = reinterpret_cast<const float*>(xa) + m0 * ldx;
+    const float* xbp = bits == 4 ? reinterpret_cast<const float*>(xb) + m0 * ldx : nullptr;
     // Columns in blocks whose slice of x (mb rows, fp32) stays within 16 KiB of L1: every weight row then
     // reads x from L1, and each weight byte is still read once (block by block, row after row).
     const int64_t per_block = bits == 8 ? 4096 : 2048;  // fp32 x values per row of x (4 bits: even + odd)

@@ -52,7 +52,7 @@ def block_infer(hidden, residual, alpha: float, eps: float, norms, linears, posi
         return None
     k_out, v_out, k_all, v_all = slots
     if torch.is_grad_enabled() and _needs_grad(hidden, residual, k_all, v_all, *norms,
-                                                *(t for weight, scale, bias, _ in linears for t in (weight, bias))):
+                                                *(t for parts in linears for t in parts[:3])):
         return None
     if isinstance(mask, GLMMask):
         mask = mask.dense(s, k_all.shape[0])

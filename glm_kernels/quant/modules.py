@@ -358,7 +358,7 @@ def linear_parts(module: nn.Module):
     if isinstance(module, QuantizedLinear):
         if module.weight.dtype != torch.int8:
             return None
-        return module.weight.detach(), module.weight_scale.detach(), module.bias, module.bits
+        return module.weight, module.weight_scale, module.bias, module.bits
     if isinstance(module, nn.Linear):
         return module.weight, None, module.bias, 0
     return None
