@@ -187,8 +187,10 @@ class GLMBlock(nn.Module):
             attn, mlp = self.attention, self.mlp
             linears = [linear_parts(m) for m in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h,
                                                  mlp.dense_4h_to_h)]
+            p_in, p_post = ln_in._parameters, ln_post._parameters  # no __getattr__ per parameter in every step
             fused = ops.block_infer(hidden_states, residual, ALPHA, self.eps,
-                                    (ln_in.weight, ln_in.bias, ln_post.weight, ln_post.bias), linears, position_ids,
+                                    (p_in["weight"], p_in["bias"], p_post["weight"], p_post["bias"]), linears,
+                                    position_ids,
                                     rotary, attn.num_attention_heads,
                                     layer_past.cache.slots(layer_past.layer_idx, hidden_states.shape[0]),
                                     attention_mask, backend)

@@ -448,3 +448,28 @@ def test_quantization_report_prints_the_table():
     prompts = report._prompts(ChatGLMTokenizer.from_pretrained(report.BASE_DIR), report.DEV_FILE, 2)
     same = report.compare(model, model, prompts, 4, model.config.eos_token_id)  # a model against itself
     assert same["max_rel"] == 0 and same["top1"] == 1 and same["identical"] == 2 and same["agreed"] == 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_embedding_lookup_is_the_dequantized_row(bits, dtype, cpu_path):
+    # A decode step's few ids (<= FEW_IDS) take the extension's row dequantization, more ids the ATen path, and
+    # without the extension always the ATen path: every one is the oracle's q * scale in fp32, rounded once to the
+    # model's dtype (bitwise).
+    from glm_kernels.quant.modules import FEW_IDS
+
+    torch.manual_seed(3)
+    weight = torch.randn(40, 64)
+    embedding = QuantizedEmbedding.from_embedding(torch.nn.Embedding.from_pretrained(weight), bits).to(dtype)
+    q = embedding.thudm_weight().numpy()
+    values = (q if bits == 8 else oracle_decode4(q)).astype(np.float32)
+    table = values * embedding.weight_scale.numpy().astype(np.float32)[:, None]
+    for ids in ([[5]], [[0, 39]], [[7], [2]], [list(range(FEW_IDS + 4))]):  # the last: more ids than FEW_IDS
+        ids = torch.tensor(ids)
+        out = embedding(ids)
+        want = torch.from_numpy(table[ids.numpy()]).to(dtype)
+        assert out.dtype == dtype and out.shape == (*ids.shape, 64)
+        assert torch.equal(out, want), f"ids {ids.tolist()}"
+    for bad in ([[40]], [[-1]], [[1, 2, 45]]):
+        with pytest.raises(IndexError):
+            embedding(torch.tensor(bad))
