@@ -705,5 +705,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the best instruction set this CPU supports");
   m.def("set_isa", &set_isa, "use another build of the loops (scalar, avx2, avx512f, avx512bf16); returns the previous",
         py::arg("name"));
-  m.attr("VERSION") = 8;
+  m.attr("VERSION") = 9;
 }

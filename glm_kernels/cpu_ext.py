@@ -2,8 +2,8 @@
 
 Importing `_C` registers the operators `torch.ops.glm_kernels.*` (`TORCH_LIBRARY`):
 `gemv`, `linear`, `dequantize`, `dequantize_into`, `stream_read` (csrc/quant_cpu.cpp),
-`attention_few` (csrc/attention_cpu.cpp), `rope_qkv` (csrc/rope_cpu.cpp) and `block_infer`
-(csrc/block_cpu.cpp: a GLM block of CPU decoding in one call, `ops.block_infer`).
+`attention_few` (csrc/attention_cpu.cpp), `rope_qkv` (csrc/rope_cpu.cpp), `block_infer` and `layers_infer`
+(csrc/block_cpu.cpp: a GLM block, or every block, of CPU decoding in one call, `ops.block_infer`).
 `extension()` is that operator namespace, or None when the extension is not
 built (or was built from other sources, or `GLM_KERNELS_CPU_EXTENSION=0`):
 everything then runs on PyTorch's own kernels (`ops.quant_linear`,
@@ -27,7 +27,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "GLM_KERNELS_CPU_EXTENSION"
-VERSION = 8  # csrc/quant_cpu.cpp's VERSION: a stale build (other sources) is not used
+VERSION = 9  # csrc/quant_cpu.cpp's VERSION: a stale build (other sources) is not used
 
 
 @functools.lru_cache(maxsize=1)

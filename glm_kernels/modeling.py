@@ -179,19 +179,23 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=self.eps)
         self.mlp = MLP(config)
 
+    def infer_parts(self):
+        """`(eps, norms, linears)` as `ops.block_infer` / `ops.layers_infer` take them, read afresh (the
+        parameters straight from `_parameters`: this runs for every block of every decode step)."""
+        attn, mlp = self._modules["attention"]._modules, self._modules["mlp"]._modules
+        p_in, p_post = self._modules["input_layernorm"]._parameters, self._modules["post_attention_layernorm"]._parameters
+        linears = [linear_parts(attn["query_key_value"]), linear_parts(attn["dense"]),
+                   linear_parts(mlp["dense_h_to_4h"]), linear_parts(mlp["dense_4h_to_h"])]
+        return self.eps, (p_in["weight"], p_in["bias"], p_post["weight"], p_post["bias"]), linears
+
     def forward(self, hidden_states, position_ids, attention_mask, rotary, layer_past=None, use_cache=False,
                 output_attentions=False, backend=None, residual=None):
         ln_in, ln_post = self.input_layernorm, self.post_attention_layernorm
         if isinstance(layer_past, CacheSlot) and not output_attentions and hidden_states.device.type == "cpu":
             # CPU decoding: the same operators in one C++ call when the call is one it takes (ops/block.py)
-            attn, mlp = self.attention, self.mlp
-            linears = [linear_parts(m) for m in (attn.query_key_value, attn.dense, mlp.dense_h_to_4h,
-                                                 mlp.dense_4h_to_h)]
-            p_in, p_post = ln_in._parameters, ln_post._parameters  # no __getattr__ per parameter in every step
-            fused = ops.block_infer(hidden_states, residual, ALPHA, self.eps,
-                                    (p_in["weight"], p_in["bias"], p_post["weight"], p_post["bias"]), linears,
-                                    position_ids,
-                                    rotary, attn.num_attention_heads,
+            eps, norms, linears = self.infer_parts()
+            fused = ops.block_infer(hidden_states, residual, ALPHA, eps, norms, linears, position_ids, rotary,
+                                    self.attention.num_attention_heads,
                                     layer_past.cache.slots(layer_past.layer_idx, hidden_states.shape[0]),
                                     attention_mask, backend)
             if fused is not None:
@@ -587,7 +591,17 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         presents = () if use_cache else None
         all_attentions = () if output_attentions else None
         all_hidden_states = () if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
+        fused = None
+        if cache is not None and not output_attentions and not output_hidden_states and \
+                not (self.gradient_checkpointing and self.training) and all(d.type == "cpu" for d in devices) and \
+                self._blocks_unhooked():
+            # CPU decoding: every block in one C++ call when each would take its one-call form (ops/block.py)
+            layer_positions, layer_mask, rotary = inputs_on(devices[0])
+            fused = ops.layers_infer(hidden_states, [layer.infer_parts() for layer in self.layers], ALPHA,
+                                     layer_positions, rotary, cfg.num_attention_heads, cache, layer_mask, backend)
+        if fused is not None:
+            hidden_states, residual = fused
+        for i, layer in enumerate(self.layers if fused is None else ()):
             if hidden_states.device != devices[i]:  # a block boundary between devices
                 hidden_states = hidden_states.to(devices[i])
                 residual = None if residual is None else residual.to(devices[i])
@@ -620,6 +634,17 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             return tuple(v for v in (hidden_states, presents, all_hidden_states, all_attentions) if v is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=presents,
                                        hidden_states=all_hidden_states, attentions=all_attentions)
+
+    def _blocks_unhooked(self) -> bool:
+        """True when no block's call does more than its forward: no forward hooks of torch (the block's own or
+        global ones) and no replaced forward (accelerate's offload hooks, which load a block's weights in just
+        before it runs). Only then may all blocks run in one call, which does not call the block modules."""
+        from torch.nn.modules import module as module_mod
+
+        if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+            return False
+        return not any("forward" in layer.__dict__ or layer._forward_hooks or layer._forward_pre_hooks
+                       for layer in self.layers)
 
     def _step_inputs(self, input_ids, position_ids, attention_mask, cache, batch, seq, past_length, check):
         """`(position_ids, mask, mask_on)`: the positions, the mask for the attention op (a `GLMMask`, a bool

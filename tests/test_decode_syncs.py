@@ -158,19 +158,26 @@ def test_steps_without_a_mask_keep_the_padding_of_the_first_step():
     assert_fp32_close(cached_mask, torch.stack(grown, 1), 1e-4, "steps with the cache's mask vs the grown mask")
 
 
-@pytest.mark.parametrize("one_call", [False, True], ids=["op-by-op blocks", "one-call blocks"])
+@pytest.mark.parametrize("one_call", ["off", "blocks", "layers"],
+                         ids=["op-by-op blocks", "one-call blocks", "all blocks in one call"])
 def test_mask_scalars_are_built_once_per_generate(monkeypatch, one_call):
     """No GLMMask is built in a decode step; every layer of every step gets the same mask object, whose
     scalars are already the attention kernels' int32 (no per-layer conversion). Seen by the attention op of the
-    op-by-op block, and by `ops.block_infer` when the CPU block runs in one call."""
+    op-by-op block, by `ops.block_infer` when each CPU block runs in one call, and by `ops.layers_infer` (once
+    per forward, counted for every layer) when all of them do."""
     import glm_kernels.ops.block as block_mod
 
     model = make_model(tie_word_embeddings=False)
     rows = [[5, 6, 7, GMASK, BOS], [11, GMASK, BOS]]
     ids, mask4d, pos = left_padded_batch(rows, 5)
     masks, built = [], []
-    monkeypatch.setattr(block_mod, "ENABLED", one_call)
-    if one_call:
+    monkeypatch.setattr(block_mod, "ENABLED", one_call != "off")
+    monkeypatch.setattr(block_mod, "ALL_LAYERS", one_call == "layers")
+    if one_call == "layers":
+        whole = ops.layers_infer
+        monkeypatch.setattr(ops, "layers_infer", lambda hidden, blocks, *a: masks.extend(
+            [(hidden.shape[0], a[5])] * len(blocks)) or whole(hidden, blocks, *a))
+    elif one_call == "blocks":
         block = ops.block_infer
         monkeypatch.setattr(ops, "block_infer", lambda hidden, *a: masks.append((hidden.shape[0], a[9])) or
                             block(hidden, *a))
