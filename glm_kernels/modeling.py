@@ -182,8 +182,9 @@ class GLMBlock(nn.Module):
     def infer_parts(self):
         """`(eps, norms, linears)` as `ops.block_infer` / `ops.layers_infer` take them, read afresh (the
         parameters straight from `_parameters`: this runs for every block of every decode step)."""
-        attn, mlp = self._modules["attention"]._modules, self._modules["mlp"]._modules
-        p_in, p_post = self._modules["input_layernorm"]._parameters, self._modules["post_attention_layernorm"]._parameters
+        modules = self._modules
+        attn, mlp = modules["attention"]._modules, modules["mlp"]._modules
+        p_in, p_post = modules["input_layernorm"]._parameters, modules["post_attention_layernorm"]._parameters
         linears = [linear_parts(attn["query_key_value"]), linear_parts(attn["dense"]),
                    linear_parts(mlp["dense_h_to_4h"]), linear_parts(mlp["dense_4h_to_h"])]
         return self.eps, (p_in["weight"], p_in["bias"], p_post["weight"], p_post["bias"]), linears
