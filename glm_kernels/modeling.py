@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_mod
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -108,6 +109,17 @@ class RotaryEmbedding(nn.Module):
         pass
 
 
+def global_forward_hooks() -> bool:
+    """Whether torch has global forward hooks (`register_module_forward_hook` / `..._pre_hook`)."""
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether calling `module` does more than its forward: its own forward hooks, or a forward replaced on the
+    instance (accelerate's hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
 class CacheSlot(NamedTuple):
     """Layer `layer_idx` of a `GLMKVCache`, handed to the attention in place of a `(key, value)` past."""
 
@@ -181,10 +193,17 @@ class GLMBlock(nn.Module):
 
     def infer_parts(self):
         """`(eps, norms, linears)` as `ops.block_infer` / `ops.layers_infer` take them, read afresh (the
-        parameters straight from `_parameters`: this runs for every block of every decode step)."""
+        parameters straight from `_parameters`: this runs for every block of every decode step); or None when
+        calling a submodule would do more than its forward (a forward hook of torch, the submodule's or a global
+        one, or a replaced forward): the one-call forms read the weights without calling the submodules."""
         modules = self._modules
-        attn, mlp = modules["attention"]._modules, modules["mlp"]._modules
-        p_in, p_post = modules["input_layernorm"]._parameters, modules["post_attention_layernorm"]._parameters
+        ln_in, ln_post, attn_mod, mlp_mod = (modules["input_layernorm"], modules["post_attention_layernorm"],
+                                             modules["attention"], modules["mlp"])
+        attn, mlp = attn_mod._modules, mlp_mod._modules
+        if global_forward_hooks() or any(hooked(m) for m in (ln_in, ln_post, attn_mod, mlp_mod, *attn.values(),
+                                                              *mlp.values())):
+            return None
+        p_in, p_post = ln_in._parameters, ln_post._parameters
         linears = [linear_parts(attn["query_key_value"]), linear_parts(attn["dense"]),
                    linear_parts(mlp["dense_h_to_4h"]), linear_parts(mlp["dense_4h_to_h"])]
         return self.eps, (p_in["weight"], p_in["bias"], p_post["weight"], p_post["bias"]), linears
@@ -194,11 +213,10 @@ class GLMBlock(nn.Module):
         ln_in, ln_post = self.input_layernorm, self.post_attention_layernorm
         if isinstance(layer_past, CacheSlot) and not output_attentions and hidden_states.device.type == "cpu":
             # CPU decoding: the same operators in one C++ call when the call is one it takes (ops/block.py)
-            eps, norms, linears = self.infer_parts()
-            fused = ops.block_infer(hidden_states, residual, ALPHA, eps, norms, linears, position_ids, rotary,
-                                    self.attention.num_attention_heads,
-                                    layer_past.cache.slots(layer_past.layer_idx, hidden_states.shape[0]),
-                                    attention_mask, backend)
+            parts = self.infer_parts()
+            fused = None if parts is None else ops.block_infer(
+                hidden_states, residual, ALPHA, *parts, position_ids, rotary, self.attention.num_attention_heads,
+                layer_past.cache.slots(layer_past.layer_idx, hidden_states.shape[0]), attention_mask, backend)
             if fused is not None:
                 return fused[0], fused[1], None, None
         if residual is None:
@@ -640,12 +658,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         """True when no block's call does more than its forward: no forward hooks of torch (the block's own or
         global ones) and no replaced forward (accelerate's offload hooks, which load a block's weights in just
         before it runs). Only then may all blocks run in one call, which does not call the block modules."""
-        from torch.nn.modules import module as module_mod
-
-        if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
-            return False
-        return not any("forward" in layer.__dict__ or layer._forward_hooks or layer._forward_pre_hooks
-                       for layer in self.layers)
+        return not global_forward_hooks() and not any(hooked(layer) for layer in self.layers)
 
     def _step_inputs(self, input_ids, position_ids, attention_mask, cache, batch, seq, past_length, check):
         """`(position_ids, mask, mask_on)`: the positions, the mask for the attention op (a `GLMMask`, a bool

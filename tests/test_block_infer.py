@@ -207,3 +207,32 @@ def test_layers_bad_inputs_are_named():
     with pytest.raises(RuntimeError, match="layer 0: the cache buffers must be .capacity, b, nh, hd. with room for "
                                            "positions .4, 5\\)"):
         call(start=4)
+
+
+def test_a_hooked_submodule_is_called_as_a_module(monkeypatch):
+    # The one-call forms read the weights without calling the submodules: a block whose submodule has a forward
+    # hook (or a global hook) runs op by op, so the hook sees every forward; the other blocks keep one call each.
+    model = model_for(torch.bfloat16, 4)
+    layers = model.config.num_layers
+    seen, baseline = [], decode(model, torch.tensor([ROWS[0]]), monkeypatch, "off")
+    handle = model.transformer.layers[1].mlp.dense_4h_to_h.register_forward_hook(
+        lambda mod, args, out: seen.append(out.shape[0]))
+    try:
+        tokens, logits, taken = decode(model, torch.tensor([ROWS[0]]), monkeypatch, "layers")
+    finally:
+        handle.remove()
+    forwards = len(logits)
+    assert len(seen) == forwards  # the hook ran in the prompt and in every step
+    assert taken["layers_infer"] == [False] * forwards
+    assert taken["block_infer"] == [True] * (layers - 1) * forwards  # the hooked block never asks
+    assert torch.equal(tokens, baseline[0]) and all(torch.equal(a, b) for a, b in zip(logits, baseline[1]))
+    # a global forward hook: every block op by op, the hook sees every submodule call
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: calls.append(type(mod)))
+    try:
+        tokens, logits, taken = decode(model, torch.tensor([ROWS[0]]), monkeypatch, "layers")
+    finally:
+        handle.remove()
+    assert taken["layers_infer"] == [] and taken["block_infer"] == []  # neither is even asked
+    assert sum(c.__name__ == "QuantizedLinear" for c in calls) >= len(logits) * (4 * layers + 1)
+    assert torch.equal(tokens, baseline[0])

@@ -81,7 +81,8 @@ def layers_infer(hidden, blocks, alpha: float, position_ids, rotary, num_heads: 
 
     Args:
         hidden: `[s, b, h]`, the first block's input (no residual yet).
-        blocks: per layer `(eps, norms, linears)` as `block_infer` takes them (`GLMBlock.infer_parts()`).
+        blocks: per layer `(eps, norms, linears)` as `block_infer` takes them (`GLMBlock.infer_parts()`), or
+            None for a block with a hooked submodule (the call is then not taken).
         position_ids, rotary, num_heads, mask: as for `block_infer`, the same for every layer.
         cache: the `GLMKVCache` (every layer on the CPU); the new positions go to `[filled, filled + s)`.
     Its results are bitwise those of the blocks called one by one (the same C++ block, layer after layer); it
@@ -89,7 +90,7 @@ def layers_infer(hidden, blocks, alpha: float, position_ids, rotary, num_heads: 
     caches).
     """
     ext = cpu_ext.extension()
-    if not ALL_LAYERS or not blocks or not _takes(ext, hidden, backend):
+    if not ALL_LAYERS or not blocks or any(b is None for b in blocks) or not _takes(ext, hidden, backend):
         return None
     eps = blocks[0][0]
     if any(e != eps or any(p is None or p[0].device.type != "cpu" for p in linears) for e, _, linears in blocks):
