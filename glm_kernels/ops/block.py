@@ -7,6 +7,10 @@ four products (the extension's `linear` for THUDM's INT8/INT4 bytes, `at::linear
 `rope_qkv` writing the cache, `attention_few`, the bias + GeLU. Its results are bitwise those of the block run
 op by op (tests/test_block_infer.py), so the model takes it whenever the call is one the op-by-op path would run
 on exactly those operators, and otherwise runs op by op.
+
+`layers_infer` runs every block of a forward in one call (`_C.layers_infer`: the same C++ block, layer after
+layer, the cache views cut in C++), which also saves each block's module call; the model takes it when every
+block would take `block_infer` and none is hooked, else it calls the blocks one by one.
 """
 from __future__ import annotations
 

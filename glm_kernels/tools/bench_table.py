@@ -20,8 +20,8 @@ replaces its row, the others stay), and writes the same rows as `DIR/<device>.cs
                 "reference_ms" (medians), "speedup" (reference / glm_kernels, same run), "<impl>_min_ms",
                 "<impl>_rounds", where measured "<impl>_peak_mib", "memory_ratio" (reference /
                 glm_kernels), "<impl>_model_mib" (memory of the loaded weights), "<impl>_loss", "floor_ms",
-                "bandwidth_gbs", "products_ms" (quantized decoding: the step's products alone); serving: "streams", "<impl>_tokens_per_s", "<impl>_tpot_p50_ms" / "_p99_ms"
-                (time per output token), "<impl>_latency_p50_ms" / "_p99_ms"; "<impl>_load" (1-minute load
+                "bandwidth_gbs", "products_ms" (quantized decoding: the step's products alone); serving:
+                "streams", "<impl>_tokens_per_s", "<impl>_tpot_p50_ms" / "_p99_ms" (time per output token), "<impl>_latency_p50_ms" / "_p99_ms"; "<impl>_load" (1-minute load
                 average when it was timed); "run" (its run id)}]}
 
 The README holds each table between `<!-- bench:SUITE FILE -->` and `<!-- /bench:SUITE -->`: the cases of
