@@ -20,7 +20,9 @@
 // The AVX512-BF16 loops (Zen 4, Sapphire Rapids and later) keep bf16 x as it is and convert q to bf16, which
 // is exact (|q| <= 128 has at most 8 significant bits); vdpbf16ps multiplies bf16 pairs exactly in fp32 and
 // accumulates in fp32, so the result is the fp32 loops' up to summation order, at half the instructions per
-// weight: decoding reads the weights at DRAM speed instead of being bound by the int -> float conversions.
+// weight: decoding reads the weights at DRAM speed instead of being bound by the int -> float conversions. With
+// one row of x (decoding) they take four weight rows per pass and look the nibbles up with vpermw (see "one row
+// of x" below): each x vector then serves four rows instead of one.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -301,6 +303,144 @@ void rows_int4_bf16(const uint16_t* xe, const uint16_t* xo, int64_t ldx, int64_t
   GLM_DISPATCH_M(rows_int4_bf16_t, m_rows, xe, xo, ldx, w, half, acc)
 }
 
+// ---- one row of x (decoding): several weight rows per pass
+//
+// With one row of x every vdpbf16ps above loads its own 64 bytes of x from L1: x is read two (8 bits) to four (4
+// bits) times more often than the weight, and those loads, not the arithmetic, bound the loops at ~24 GB/s of
+// weight per core. Here each x vector serves kPass weight rows, and the weight bytes become bf16 without widening
+// loads: a 64-byte load is 32 16-bit words, each holding four nibbles, and vpermw looks each nibble up in a table
+// (it reads the low 5 bits of each word, so the tables repeat in their upper half and the bit above the nibble
+// does not matter). Measured on the benchmark's shapes in L2: 32-34 GB/s of weight per core against 24-26
+// (docs/quantization.md).
+//   4 bits: the word's nibbles 0..3 are elements 4j+1, 4j, 4j+3, 4j+2 of the row (THUDM: high nibble first), so x
+//           goes into four streams, stream s holding x[4j + kInt4Offset[s]].
+//   8 bits: word j holds elements 2j and 2j+1; q = 16 h + l with h the signed high nibble and l the unsigned low
+//           one, both looked up (16 h and l are exact in bf16), so the streams are x's even and odd columns.
+// Every product is exact in fp32 as before; only the order of the fp32 sums changes.
+constexpr int kPass = 4;            // weight rows per pass: 16 accumulators, within 32 registers
+constexpr int64_t kStep = 64;       // weight bytes per step and row (one zmm)
+constexpr int64_t kAhead = 32768;   // prefetch distance along the pass's rows, which lie one after the other
+constexpr int kInt4Offset[4] = {1, 0, 3, 2};
+
+// bf16 tables indexed by a nibble (repeated for vpermw's 5-bit index): signed n, unsigned n, 16 x signed n
+alignas(64) constexpr uint16_t kSignedNibble[32] = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040,
+    0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0xC100, 0xC0E0, 0xC0C0, 0xC0A0,
+    0xC080, 0xC040, 0xC000, 0xBF80};
+alignas(64) constexpr uint16_t kUnsignedNibble[32] = {
+    0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
+    0x4160, 0x4170, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120, 0x4130,
+    0x4140, 0x4150, 0x4160, 0x4170};
+alignas(64) constexpr uint16_t kSixteenSigned[32] = {
+    0x0000, 0x4180, 0x4200, 0x4240, 0x4280, 0x42A0, 0x42C0, 0x42E0, 0xC300, 0xC2E0, 0xC2C0, 0xC2A0, 0xC280, 0xC240,
+    0xC200, 0xC180, 0x0000, 0x4180, 0x4200, 0x4240, 0x4280, 0x42A0, 0x42C0, 0x42E0, 0xC300, 0xC2E0, 0xC2C0, 0xC2A0,
+    0xC280, 0xC240, 0xC200, 0xC180};
+
+// the horizontal sums of four vectors, in lanes 0..3: halves, then quarters of all four at once, then the four
+// lanes of each quarter (14 instructions against four reductions' ~32; a pass of 1 KiB rows is ~260 cycles)
+GLM_BF16_TARGET inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  z = _mm512_add_ps(z, _mm512_permute_ps(z, 0x4E));
+  z = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), z));
+}
+
+// x (one row, bf16 bits, [k]) into the streams the pass reads: [4][steps * 32] (4 bits) or [2][steps * 32]
+// (8 bits); each stream's 32 values per step gathered with two-source word permutes
+GLM_BF16_TARGET void pass_streams(const uint16_t* x, int64_t bits, int64_t steps, uint16_t* out) {
+  const int64_t len = steps * kStep / 2;  // words per row covered by the steps, a multiple of 32
+  alignas(64) uint16_t index[32];
+  if (bits == 4) {
+    for (int s = 0; s < 4; ++s) {
+      for (int j = 0; j < 32; ++j) index[j] = static_cast<uint16_t>(4 * (j % 16) + kInt4Offset[s]);
+      const __m512i idx = _mm512_load_si512(index);
+      for (int64_t j = 0; j < len; j += 32) {  // x[4j .. 4j + 128)
+        const uint16_t* in = x + 4 * j;
+        const __m512i lo = _mm512_permutex2var_epi16(_mm512_loadu_si512(in), idx, _mm512_loadu_si512(in + 32));
+        const __m512i hi = _mm512_permutex2var_epi16(_mm512_loadu_si512(in + 64), idx, _mm512_loadu_si512(in + 96));
+        _mm512_storeu_si512(out + s * len + j, _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1));
+      }
+    }
+  } else {
+    for (int s = 0; s < 2; ++s) {
+      for (int j = 0; j < 32; ++j) index[j] = static_cast<uint16_t>(2 * j + s);
+      const __m512i idx = _mm512_load_si512(index);
+      for (int64_t j = 0; j < len; j += 32) {  // x[2j .. 2j + 64)
+        const uint16_t* in = x + 2 * j;
+        _mm512_storeu_si512(out + s * len + j,
+                            _mm512_permutex2var_epi16(_mm512_loadu_si512(in), idx, _mm512_loadu_si512(in + 32)));
+      }
+    }
+  }
+}
+
+// sums[r] = x . row r of the R rows at w (stride ldw bytes) over the first `steps` 64-byte steps, then the tail
+// bytes with the portable loops on x itself
+template <int R, int Bits>
+GLM_BF16_TARGET void pass_bf16(const uint16_t* streams, const uint16_t* x, const int8_t* w, int64_t ldw,
+                               int64_t steps, float* sums) {
+  const int64_t len = steps * kStep / 2;
+  const __m512i t0 = _mm512_load_si512(Bits == 4 ? kSignedNibble : kUnsignedNibble);  // nibbles 0 and 2
+  const __m512i t1 = _mm512_load_si512(Bits == 4 ? kSignedNibble : kSixteenSigned);   // nibbles 1 and 3
+  __m512 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < 4; ++s) a[r][s] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < steps; ++i) {
+    const int64_t j = i * kStep;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + R * j + 64 * r + kAhead), _MM_HINT_T1);
+    const int64_t o = j / 2;
+    __m512bh xv[4];
+    if (Bits == 4) {
+      for (int s = 0; s < 4; ++s) xv[s] = (__m512bh)_mm512_loadu_si512(streams + s * len + o);
+    } else {
+      xv[0] = xv[1] = (__m512bh)_mm512_loadu_si512(streams + o);
+      xv[2] = xv[3] = (__m512bh)_mm512_loadu_si512(streams + len + o);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512i b = _mm512_loadu_si512(w + r * ldw + j);
+      a[r][0] = _mm512_dpbf16_ps(a[r][0], (__m512bh)_mm512_permutexvar_epi16(b, t0), xv[0]);
+      a[r][1] = _mm512_dpbf16_ps(a[r][1], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), t1), xv[1]);
+      a[r][2] = _mm512_dpbf16_ps(a[r][2], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 8), t0), xv[2]);
+      a[r][3] = _mm512_dpbf16_ps(a[r][3], (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 12), t1), xv[3]);
+    }
+  }
+  // each row's four accumulators summed, then the rows' sums side by side (missing rows as zeros, so a row's sum
+  // is computed in the same order whatever the pass size)
+  __m512 row_sum[kPass];
+  for (int r = 0; r < kPass; ++r)
+    row_sum[r] = r < R ? _mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3]))
+                       : _mm512_setzero_ps();
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, reduce4(row_sum[0], row_sum[1], row_sum[2], row_sum[3]));
+  const int64_t from = steps * kStep;
+  for (int r = 0; r < R; ++r) {
+    const int8_t* row = w + r * ldw;
+    float tail = 0.f;
+    if (Bits == 8) {
+      tail = int8_dot(x, row, from, ldw);
+    } else {
+      for (int64_t t = from; t < ldw; ++t)
+        tail += value(x[2 * t]) * static_cast<float>(high_nibble(row[t])) +
+                value(x[2 * t + 1]) * static_cast<float>(low_nibble(row[t]));
+    }
+    sums[r] = lanes[r] + tail;
+  }
+}
+
+// rows [begin, end) of the weight: passes of kPass rows, the last rows of the range one by one
+template <int Bits>
+void rows_pass_bf16(const uint16_t* streams, const uint16_t* x, const int8_t* w, int64_t ldw, int64_t begin,
+                    int64_t end, float* sums) {
+  const int64_t steps = ldw / kStep;
+  int64_t r = begin;
+  for (; r + kPass <= end; r += kPass) pass_bf16<kPass, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
+  for (; r < end; ++r) pass_bf16<1, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
+}
+
 // sum of the 8-byte words of [p, p + n64 * 64), n64 64-byte lines, four loads in flight
 __attribute__((target("avx512f"))) int64_t read_lines_avx512(const uint8_t* p, int64_t n64) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
@@ -402,6 +542,14 @@ class FloatRow {
                 " must be fp32, fp16 or bf16, got ", dtype_);
   }
   int64_t size() const { return t_.numel(); }
+  // elements [begin, end) as fp32 into out: one dtype switch per range, not per element
+  void read(int64_t begin, int64_t end, float* out) const {
+    switch (dtype_) {
+      case torch::kHalf: copy(t_.const_data_ptr<c10::Half>(), begin, end, out); break;
+      case torch::kBFloat16: copy(t_.const_data_ptr<c10::BFloat16>(), begin, end, out); break;
+      default: copy(t_.const_data_ptr<float>(), begin, end, out); break;
+    }
+  }
   float operator[](int64_t i) const {
     switch (dtype_) {
       case torch::kHalf: return static_cast<float>(t_.const_data_ptr<c10::Half>()[i]);
@@ -411,6 +559,10 @@ class FloatRow {
   }
 
  private:
+  template <typename T>
+  static void copy(const T* p, int64_t begin, int64_t end, float* out) {
+    for (int64_t i = begin; i < end; ++i) out[i - begin] = static_cast<float>(p[i]);
+  }
   torch::Tensor t_;
   at::ScalarType dtype_;
 };
@@ -455,7 +607,7 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
   const char* xa = static_cast<const char*>(xc.data_ptr());
   const char* xb = nullptr;
   const int64_t ldx = bits == 8 ? k : k / 2;
-  if (bits == 4) {
+  if (bits == 4 && !(bf16_x && rows == 1)) {  // one bf16 row of x takes the pass loops, which build their own streams
     halves = torch::empty({2, rows, ldx}, xc.options());
     if (bf16_x) deinterleave(reinterpret_cast<const uint16_t*>(xc.data_ptr()), rows * ldx,
                              reinterpret_cast<uint16_t*>(halves.data_ptr()));
@@ -466,10 +618,13 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
   const int8_t* wp = weight.data_ptr<int8_t>();
   const int64_t ldw = weight.size(1);
   auto finish = [&](auto* op, int64_t m0, int64_t mb, int64_t begin, int64_t end, const float* sums) {
+    std::vector<float> s(end - begin), b(bias ? end - begin : 0);
+    scale.read(begin, end, s.data());
+    if (bias) bias->read(begin, end, b.data());
     for (int64_t r = begin; r < end; ++r)
       for (int64_t m = 0; m < mb; ++m) {
-        const float v = sums[(r - begin) * mb + m] * scale[r];
-        store(op + (m0 + m) * n + r, bias ? v + (*bias)[r] : v);
+        const float v = sums[(r - begin) * mb + m] * s[r - begin];
+        store(op + (m0 + m) * n + r, bias ? v + b[r - begin] : v);
       }
   };
   auto write = [&](int64_t m0, int64_t mb, int64_t begin, int64_t end, const float* sums) {
@@ -482,6 +637,22 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
   for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
     const int64_t mb = std::min(kMaxRows, rows - m0);
 #ifdef GLM_X86
+    if (bf16_x && mb == 1) {
+      // one row of x: the several-rows-per-pass loops, each thread's share in whole passes
+      const auto* xr = reinterpret_cast<const uint16_t*>(xc.data_ptr()) + m0 * k;
+      const int64_t steps = ldw / kStep;
+      std::vector<uint16_t> streams(steps * kStep * 2);  // 4 bits: 4 x 32 values per step; 8 bits: 2 x 32
+      pass_streams(xr, bits, steps, streams.data());
+      const int64_t passes = (n + kPass - 1) / kPass;
+      at::parallel_for(0, passes, 4, [&](int64_t p0, int64_t p1) {
+        const int64_t begin = p0 * kPass, end = std::min(n, p1 * kPass);
+        std::vector<float> sums(end - begin);
+        if (bits == 8) rows_pass_bf16<8>(streams.data(), xr, wp, ldw, begin, end, sums.data());
+        else rows_pass_bf16<4>(streams.data(), xr, wp, ldw, begin, end, sums.data());
+        write(m0, 1, begin, end, sums.data());
+      });
+      continue;
+    }
     if (bf16_x) {
       // Whole weight rows, one after the other: each thread streams its contiguous share of the weight. The
       // bf16 rows of x (at most 8 x 16 KiB for ChatGLM-6B's widest input) stay in L1/L2.
@@ -705,5 +876,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the best instruction set this CPU supports");
   m.def("set_isa", &set_isa, "use another build of the loops (scalar, avx2, avx512f, avx512bf16); returns the previous",
         py::arg("name"));
-  m.attr("VERSION") = 9;
+  m.attr("VERSION") = 10;
 }

@@ -212,12 +212,13 @@ def test_this_cpu_runs_every_build():
 @pytest.mark.parametrize("in_features", [100, 4200])  # vector tails; several column blocks per row
 @pytest.mark.parametrize("rows", [1, 2, 7, 9, 17])  # register blocks of 1..8 rows of x, and more than one
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the vdpbf16ps loops where the CPU has them
-def test_extension_gemv_shapes(bits, in_features, rows, dtype, isa):
+@pytest.mark.parametrize("out_features", [40, 43])  # one row of x: passes of 4 weight rows, then single rows
+def test_extension_gemv_shapes(bits, in_features, rows, dtype, out_features, isa):
     ext = cpu_ext.extension()
-    q, scale, _ = make(bits, out_features=40, in_features=in_features)
+    q, scale, _ = make(bits, out_features=out_features, in_features=in_features)
     x = torch.randn(rows, in_features).to(dtype)
     out = ext.gemv(x, q, scale, bits)
-    assert out.dtype == torch.float32 and out.shape == (rows, 40)
+    assert out.dtype == torch.float32 and out.shape == (rows, out_features)
     # products of bf16 x and q are exact in fp32 on every path: one fp32 dot product per output either way
     assert_fp32_close(out, x.double() @ oracle_weight(q, scale, bits).t(), 1e-5, f"gemv {isa}")
     w = ext.dequantize(q, scale, bits, 3, 29)
