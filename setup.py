@@ -39,8 +39,9 @@ if sources:
 
         kwargs = {
             # -fopenmp: at::parallel_for splits work only when the extension itself is built with OpenMP (as
-            # ATen is); without it the loops run on one thread.
-            "ext_modules": [CppExtension("glm_kernels._C", sources, extra_compile_args=["-O3", "-fopenmp"],
+            # ATen is); without it the loops run on one thread. -ffp-contract=off: a product and a sum written as two
+            # operations (the residual join x * alpha + r, rounded as PyTorch's two ops) stay two roundings.
+            "ext_modules": [CppExtension("glm_kernels._C", sources, extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
                                          extra_link_args=["-fopenmp"])],
             "cmdclass": {"build_ext": OptionalBuildExtension},
         }

@@ -13,12 +13,12 @@
 // fp16 row scale and bits 8 or 4 (QuantizedLinear); biases may be None. k_out / v_out are the cache views for the
 // s new positions (written), k_all / v_all the views up to them; mask is the dense bool [b or 1, 1, s, sk] or None.
 //
-// It computes what GLMBlock.forward computes with a cache slot, operator for operator: the same ATen operators
-// (the residual's mul and add, layer_norm, linear for float weights, the bias add and the tanh GeLU) and the same
-// extension operators (linear on THUDM's bytes, rope_qkv, attention_few) in the same order and dtypes, so its
-// result is bitwise the Python path's (tests/test_block_infer.py). Nothing is fused beyond what those operators
-// fuse: the gain is the ~40 Python calls of a block (module calls, backend dispatch, argument checks), about
-// 0.15 ms per block, which is 1.2 ms of a 17 ms INT4 token of the benchmark model.
+// It computes what GLMBlock.forward computes with a cache slot in CPU inference, operator for operator: the same
+// extension operators (residual_layer_norm, linear on THUDM's bytes, rope_qkv, attention_few, bias_gelu) and ATen's
+// linear for float weights, in the same order and dtypes, so its result is bitwise the Python path's
+// (tests/test_block_infer.py). Nothing is fused beyond what those operators fuse: the gain is the ~40 Python calls
+// of a block (module calls, backend dispatch, argument checks), about 0.15 ms per block, which is 1.2 ms of a
+// 17 ms INT4 token of the benchmark model.
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -38,11 +38,10 @@ torch::Tensor project(const torch::Tensor& x, const torch::Tensor& weight, const
   return y.reshape(shape);
 }
 
-// LayerNorm(x * alpha + residual), or LayerNorm(x) without a residual (ops.residual_layer_norm's torch path)
+// LayerNorm(x * alpha + residual), or LayerNorm(x) without a residual (ops.residual_layer_norm's CPU inference)
 torch::Tensor residual_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual, double alpha,
                             const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
-  const auto joined = residual.has_value() ? x.mul(alpha).add(*residual) : x;
-  return at::layer_norm(joined, {joined.size(-1)}, weight, bias, eps);
+  return glm_kernels::residual_layer_norm(x, residual, alpha, weight, bias, eps);
 }
 
 std::tuple<torch::Tensor, torch::Tensor> block_infer(
@@ -74,9 +73,8 @@ std::tuple<torch::Tensor, torch::Tensor> block_infer(
   const auto attn = linear(1, glm_kernels::attention_few(q, k_all, v_all, mask), true);
   // MLP: LN_post of the joined residual, dense_h_to_4h without its bias, bias + GeLU, dense_4h_to_h
   auto m = residual_norm(a, attn, alpha, norms[2], norms[3], eps);
-  auto inner = linear(2, m, false);
-  if (biases.get(2).has_value()) inner = inner.add(*biases.get(2));
-  auto out = linear(3, at::gelu(inner, "tanh"), true);
+  const auto inner = glm_kernels::bias_gelu(linear(2, m, false), biases.get(2));
+  auto out = linear(3, inner, true);
   return {m, out};
 }
 

@@ -21,4 +21,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> rope_qkv(
     const torch::Tensor& mixed, const torch::Tensor& position_ids, const torch::Tensor& cos, const torch::Tensor& sin,
     int64_t num_heads, const c10::optional<torch::Tensor>& k_out, const c10::optional<torch::Tensor>& v_out);
 
+// csrc/layernorm_cpu.cpp: LayerNorm(x * alpha + residual) over the last axis, in x's dtype
+torch::Tensor residual_layer_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual, double alpha,
+                                  const torch::Tensor& weight, const torch::Tensor& bias, double eps);
+
+// csrc/gelu_cpu.cpp: tanh-GeLU(x + bias) over [..., n], in x's dtype
+torch::Tensor bias_gelu(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias);
+
 }  // namespace glm_kernels

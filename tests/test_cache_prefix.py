@@ -20,6 +20,7 @@ def test_prefix_written_into_the_cache_equals_the_prefix_model(projection):
             p.normal_(0, 0.5)
     base = make_model()
     base.load_state_dict({k: v for k, v in prefixed.state_dict().items() if "prefix_encoder" not in k})
+    base.requires_grad_(False)  # frozen as the prefixed model's base: the same ops (no gradient to keep) run in both
     cfg = base.config
     ids = prompt_ids(cfg)
     ref_cache = GLMKVCache(prefixed.config, 1, 8)

@@ -9,11 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import cpu_ext
 from ..backend import call, register
 
 
 @register("gelu", "torch")
 def _gelu_torch(x, bias):
+    ext = cpu_ext.inference_extension(x, bias)  # CPU inference: one pass (csrc/gelu_cpu.cpp), as the one-call blocks
+    if ext is not None and x.dim() >= 1 and x.shape[-1] > 0 and (bias is None or bias.shape == x.shape[-1:]):
+        return ext.bias_gelu(x, bias)
     if bias is not None:
         x = x + bias
     return F.gelu(x, approximate="tanh")

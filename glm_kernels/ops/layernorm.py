@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from .. import cpu_ext
 from ..backend import call, register
 
 
 @register("layernorm", "torch")
 def _layernorm_torch(x, residual, alpha, weight, bias, eps, return_sum=False):
+    # CPU inference: the extension's one-pass form (same roundings of the join, statistics in fp32), which the
+    # one-call blocks (csrc/block_cpu.cpp) use too
+    ext = None if return_sum or weight is None or bias is None else cpu_ext.inference_extension(x, residual, weight,
+                                                                                                   bias)
+    if ext is not None and (residual is None or residual.shape == x.shape) and weight.shape == bias.shape == \
+            x.shape[-1:]:
+        return ext.residual_layer_norm(x, residual, alpha, weight, bias, eps)
     if residual is not None:
         x = x * alpha + residual
     y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
