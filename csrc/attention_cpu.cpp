@@ -19,6 +19,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -76,6 +77,23 @@ GLM_AVX512 void axpy_avx512(float w, const T* v, float* acc, int64_t n) {
 }
 #endif
 
+// The rows of one head are one stride of the cache apart ([sk, b, nh, hd]: nh * hd values), so each key and value
+// row is a few lines far from the last, which the hardware prefetchers follow late; after a decode step's weight
+// stream the cache is in DRAM. The loops ask for the row kAheadRows keys ahead (measured: ~70-80 -> ~55 us per
+// layer at 129 keys x 16 heads of 128, bf16).
+constexpr int64_t kAheadRows = 16;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t hd) {
+#ifdef GLM_X86
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < hd * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+#else
+  (void)row;
+  (void)hd;
+#endif
+}
+
 template <typename T>
 void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const bool* mask,
             int64_t mask_batch_stride, torch::Tensor& out) {
@@ -99,6 +117,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
         bool any_visible = mrow == nullptr;
         for (int64_t j = 0; j < sk && !any_visible; ++j) any_visible = !mrow[j];
         float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < std::min(sk, kAheadRows); ++j) prefetch_row(kp + j * ks0 + bi * ks1 + h * ks2, hd);
         for (int64_t j = 0; j < sk; ++j) {
           if (!any_visible) {  // fully masked row: every score 0, uniform weights
             scores[j] = 0.f;
@@ -106,6 +125,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
             scores[j] = -std::numeric_limits<float>::infinity();
           } else {
             const T* kj = kp + j * ks0 + bi * ks1 + h * ks2;
+            if (j + kAheadRows < sk) prefetch_row(kj + kAheadRows * ks0, hd);
 #ifdef GLM_X86
             scores[j] = (wide ? dot_avx512(qi, kj, hd) : dot_scalar(qi, kj, hd)) * scale;
 #else
@@ -114,6 +134,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
           }
           top = std::max(top, scores[j]);
         }
+        for (int64_t j = 0; j < std::min(sk, kAheadRows); ++j) prefetch_row(vp + j * vs0 + bi * vs1 + h * vs2, hd);
         float total = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t j = 0; j < sk; ++j) {
@@ -121,6 +142,7 @@ void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor&
           const float w = std::exp(scores[j] - top);
           total += w;
           const T* vj = vp + j * vs0 + bi * vs1 + h * vs2;
+          if (j + kAheadRows < sk) prefetch_row(vj + kAheadRows * vs0, hd);
 #ifdef GLM_X86
           if (wide) axpy_avx512(w, vj, acc.data(), hd);
           else
