@@ -6,15 +6,15 @@ quantize_embeddings=True)` (the "glm_kernels" column): the four linears of every
 LM head, per-row scales as THUDM's. At this size the LM head is 40% of the weights, so leaving it in bf16 would
 cap INT4 at ~1.8x.
 
-Decode reads every weight once per token: the floor of each model is the time to read the weights one step
-reads (the packed bytes and scales for quantized matrices), measured on the model's own tensors with
-`timing.read_floor_seconds` just before and just after the timed case (the faster of the two: DRAM bandwidth on
-this VM drifts between ~27 and ~48 GB/s). It is recorded with each decode case, with the bandwidth it implies.
-Each case also records the memory of the loaded weights (`model_mib`: parameters and buffers as held, packed forms
-included), and each quantized decode case the time of the step's quantized products alone (`products_ms`: every
-`QuantizedLinear` of the model, the LM head included, on one bf16 row, best of 5), which splits the step into what
-its products cost against the floor and what the rest of the step (attention, norms, rotation, GeLU, sampling-free
-Python of 8 layers) adds.
+Decode reads every weight once per token: the floor of a quantized model is the time to read the weights one
+step reads (the packed bytes and scales), measured on the model's own tensors with `timing.read_floor_seconds`
+before every timed round of its step (`timing.RoundFloor`), together with the step's quantized products alone
+(`products_ms`: every `QuantizedLinear` of the model, the LM head included, on one bf16 row). The table's shares
+pair each round with the floor read just before it (`floor_share`, `products_share`: medians over the rounds of
+floor / step and floor / products), because DRAM bandwidth on this VM moves between ~23 and ~48 GB/s within a
+minute. The products split the step into what its products cost against the floor and what the rest of the step
+(attention, norms, rotation, GeLU, Python of 8 layers) adds. Each case also records the memory of the loaded
+weights (`model_mib`: parameters and buffers as held, packed forms included).
 
 Goal (issue 9): INT8 >= 1.6x and INT4 >= 2.5x faster than bf16 decoding, each >= 70% of its own floor (floor /
 time >= 0.7). chatglm.cpp 0.4.2 on the same random weights, context 128, 2 threads, measured on this machine
@@ -29,7 +29,7 @@ import torch
 from glm_kernels import ChatGLMConfig, ChatGLMForConditionalGeneration, cpu_ext
 from glm_kernels.cache import GLMKVCache
 from glm_kernels.quant.modules import QuantizedLinear
-from timing import best_seconds, measure, read_floor_around
+from timing import RoundFloor, measure
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("benchmarks never time the Triton interpreter (unset TRITON_INTERPRET)", allow_module_level=True)
@@ -39,6 +39,7 @@ CONFIG = dict(hidden_size=2048, num_layers=8, num_attention_heads=16, inner_hidd
               max_sequence_length=2304)
 CONTEXT = 128
 PREFILL = 256
+DECODE_ROUNDS = 15  # quantized steps (12-30 ms each), each after its floor read and products
 BITS = (8, 4)
 _MODELS = {}
 
@@ -75,9 +76,9 @@ def read_per_token(model) -> list:
     return [t for t in held_tensors(model) if t.data_ptr() not in rotary]
 
 
-def products_seconds(model) -> float:
-    """The quantized products of one decode step alone: each `QuantizedLinear` of `model` (the four of every block
-    and the LM head) on one row of x in the model's dtype, in the step's order, fastest of 5. On the CPU with the
+def products_call(model):
+    """The quantized products of one decode step alone, as a callable: each `QuantizedLinear` of `model` (the four
+    of every block and the LM head) on one row of x in the model's dtype, in the step's order. On the CPU with the
     extension they are its `linear` called directly, as the one-call blocks run them (through the module each
     call would add ~30 us of Python); otherwise through the module."""
     linears = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
@@ -92,7 +93,7 @@ def products_seconds(model) -> float:
                 else:
                     module(x)
 
-    return best_seconds(products, DEVICE)
+    return products
 
 
 def decode_step(model):
@@ -121,12 +122,15 @@ def decode_step(model):
 @pytest.mark.parametrize("bits", BITS, ids=["int8", "int4"])
 def test_decode(benchmark, bits, impl):
     model = models()[bits if impl == "glm_kernels" else "bf16"]
-    weights = read_per_token(models()[bits])  # the quantized model's floor, in both rows of the case
-    with read_floor_around(benchmark, weights, DEVICE):
-        measure(benchmark, f"decode 1 token at context {CONTEXT}, INT{bits} vs bf16", impl, decode_step(model),
-                device=DEVICE, dtype=f"int{bits}", rounds=7, model_mib=held_bytes(model) / 2**20)
-    if impl == "glm_kernels":
-        benchmark.extra_info["products_ms"] = products_seconds(model) * 1e3
+    group = f"decode 1 token at context {CONTEXT}, INT{bits} vs bf16"
+    info = dict(device=DEVICE, dtype=f"int{bits}", model_mib=held_bytes(model) / 2**20)
+    if impl == "reference":
+        measure(benchmark, group, impl, decode_step(model), rounds=7, **info)
+        return
+    # the quantized step against its own floor, read before each round, with its products alone
+    floor = RoundFloor(read_per_token(model), DEVICE, products=products_call(model))
+    measure(benchmark, group, impl, decode_step(model), rounds=DECODE_ROUNDS, setup=floor, **info)
+    floor.record(benchmark)
 
 
 @pytest.mark.parametrize("impl", ["glm_kernels", "reference"])

@@ -54,10 +54,11 @@ def _do_bench(fn, **kwargs):
     return do_bench(fn, warmup=DO_BENCH_WARMUP_MS, rep=DO_BENCH_REP_MS, **kwargs)
 
 
-def measure(benchmark, group, impl, fn, *, device, dtype, rounds=None, warmup_rounds=1, **extra):
+def measure(benchmark, group, impl, fn, *, device, dtype, rounds=None, warmup_rounds=1, setup=None, **extra):
     """Time `fn()` into the pytest-benchmark fixture as `impl` of case `group`; `extra` goes to extra_info.
 
     `rounds`/`warmup_rounds` apply on the CPU (None: pytest-benchmark calibrates); do_bench sizes its own.
+    `setup()` (CPU with `rounds`) runs untimed before every round, warm-up rounds included (a `RoundFloor`).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -68,7 +69,8 @@ def measure(benchmark, group, impl, fn, *, device, dtype, rounds=None, warmup_ro
     if not cuda:
         if rounds is None:
             return benchmark(fn)
-        return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+        kwargs = {} if setup is None else {"setup": setup}
+        return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds, **kwargs)
     if benchmark.disabled:  # --benchmark-disable: run once, as pytest-benchmark does
         return fn()
     times_ms = _do_bench(fn, return_mode="all")
@@ -137,3 +139,46 @@ def read_floor_around(benchmark, tensors, device):
     floor = min(before, read_floor_seconds(tensors, device))
     nbytes = sum(t.numel() * t.element_size() for t in _unique(tensors))
     benchmark.extra_info.update(floor_ms=floor * 1e3, bandwidth_gbs=nbytes / floor / 1e9)
+
+
+class RoundFloor:
+    """The floor of a decode step measured before each of its timed rounds, with the step's products alone.
+
+    Pass it as `measure(..., setup=floor)`, then `floor.record(benchmark)`. Before every round it reads the
+    weights once (`read_floor_seconds`, one timed read after one untimed) and, given `products`, times them once
+    the same way; `record` stores in `benchmark.extra_info` the medians over the timed rounds (`floor_ms`,
+    `bandwidth_gbs`, `products_ms`) and the shares paired round by round: `floor_share` = median of floor_i /
+    step_i, `products_share` = median of floor_i / products_i. Pairing matters on this VM, whose DRAM bandwidth
+    moves between ~23 and ~48 GB/s within a minute: a floor read before or after the whole case may see another
+    bandwidth than the rounds it is compared with. Where `setup` does not run (CUDA's do_bench, a disabled
+    benchmark) the floor and the products are measured once after the case and the shares use the median step.
+    """
+
+    def __init__(self, tensors, device, products=None):
+        self.tensors, self.device, self.products = _unique(tensors), device, products
+        self.floors, self.product_times = [], []
+
+    def __call__(self):
+        self.floors.append(read_floor_seconds(self.tensors, self.device, repeats=1))
+        if self.products is not None:
+            self.product_times.append(best_seconds(self.products, self.device, repeats=1))
+
+    def record(self, benchmark):
+        from statistics import median
+
+        stats = getattr(benchmark, "stats", None)
+        steps = list(stats.stats.data) if stats is not None else []
+        n = len(steps)
+        paired = n > 0 and len(self.floors) >= n
+        floors = self.floors[-n:] if paired else [read_floor_seconds(self.tensors, self.device)]
+        floor = median(floors)
+        nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+        info = dict(floor_ms=floor * 1e3, bandwidth_gbs=nbytes / floor / 1e9)
+        if steps:
+            info["floor_share"] = median(f / s for f, s in zip(floors, steps)) if paired else floor / median(steps)
+        if self.products is not None:
+            products = self.product_times[-n:] if paired else [best_seconds(self.products, self.device)]
+            info["products_ms"] = median(products) * 1e3
+            info["products_share"] = (median(f / p for f, p in zip(floors, products)) if paired
+                                      else floor / median(products))
+        benchmark.extra_info.update(info)

@@ -136,6 +136,9 @@ def test_cpu_branch_uses_pytest_benchmark(fake_cuda):
     timing.measure(slow, "case", "reference", print, device="cpu", dtype="bf16", rounds=3, warmup_rounds=0)
     assert auto.calls == [("benchmark", print)]
     assert slow.calls == [("pedantic", dict(rounds=3, iterations=1, warmup_rounds=0))]
+    each = _CpuFixture()
+    timing.measure(each, "case", "glm_kernels", print, device="cpu", dtype="int4", rounds=5, setup=print)
+    assert each.calls == [("pedantic", dict(rounds=5, iterations=1, warmup_rounds=1, setup=print))]
     assert auto.extra_info["timing"] == "pytest-benchmark" and auto.extra_info["device"] == "cpu"
     assert auto.extra_info["device_name"] and slow.extra_info["dtype"] == "bf16"
     assert not fake_cuda
@@ -227,6 +230,29 @@ def test_quantized_decode_cases_show_the_floor_and_the_products_alone():
                            "products alone ms | products at % of floor |")
     # 10 / 20 of the step, 10 / 12.5 for the products alone
     assert decode.endswith("| 10.0 | 50% | 32.0 | 12.5 | 80% |") and prefill.endswith("| - | - | - | - | - |")
+    # shares paired round by round, where the case measured them so, are the ones shown
+    data["cases"] = [dict(case, floor_share=0.61, products_share=0.77)]
+    assert bench_table.render_table(data, "quant").splitlines()[2].endswith("| 10.0 | 61% | 32.0 | 12.5 | 77% |")
+
+
+def test_round_floor_pairs_each_round_with_the_floor_read_before_it():
+    """RoundFloor.record: medians over the timed rounds, and each share paired with its own round's floor (the
+    warm-up round's reads are left out). Read before a slow round, a slow floor leaves that round's share alone."""
+    floor = timing.RoundFloor([torch.zeros(1000, dtype=torch.uint8)], "cpu", products=lambda: None)
+    floor.floors = [9.0, 0.010, 0.020, 0.010]  # warm-up, then three rounds (seconds)
+    floor.product_times = [9.0, 0.0125, 0.025, 0.0125]
+    fixture = SimpleNamespace(stats=SimpleNamespace(stats=SimpleNamespace(data=[0.020, 0.040, 0.010])),
+                              extra_info={})
+    floor.record(fixture)
+    info = fixture.extra_info
+    assert info["floor_ms"] == pytest.approx(10.0) and info["products_ms"] == pytest.approx(12.5)
+    assert info["bandwidth_gbs"] == pytest.approx(1000 / 0.010 / 1e9)
+    assert info["floor_share"] == pytest.approx(0.5)  # rounds: 0.5, 0.5, 1.0
+    assert info["products_share"] == pytest.approx(0.8)  # rounds: 0.8, 0.8, 0.8
+    floor.floors = [9.0, 0.010, 0.040, 0.010]
+    floor.record(fixture)
+    # 0.5, 1.0, 1.0: each round against its own bandwidth (the medians alone would say 10 / 20 = 50%)
+    assert info["floor_share"] == pytest.approx(1.0)
 
 
 def test_bench_table_cli_updates_and_checks_a_readme(fake_cuda, tmp_path, capsys):

@@ -20,7 +20,8 @@ replaces its row, the others stay), and writes the same rows as `DIR/<device>.cs
                 "reference_ms" (medians), "speedup" (reference / glm_kernels, same run), "<impl>_min_ms",
                 "<impl>_rounds", where measured "<impl>_peak_mib", "memory_ratio" (reference /
                 glm_kernels), "<impl>_model_mib" (memory of the loaded weights), "<impl>_loss", "floor_ms",
-                "bandwidth_gbs", "products_ms" (quantized decoding: the step's products alone); serving:
+                "bandwidth_gbs", "products_ms" (quantized decoding: the step's products alone), "floor_share" /
+                "products_share" (floor / step and floor / products, paired round by round); serving:
                 "streams", "<impl>_tokens_per_s", "<impl>_tpot_p50_ms" / "_p99_ms" (time per output token), "<impl>_latency_p50_ms" / "_p99_ms"; "<impl>_load" (1-minute load
                 average when it was timed); "run" (its run id)}]}
 
@@ -52,7 +53,7 @@ COLUMNS = ("case", "suite", "dtype", "device", "device_name", "torch", "triton",
            "glm_kernels_ms", "reference_ms", "speedup", "glm_kernels_min_ms", "reference_min_ms",
            "glm_kernels_rounds", "reference_rounds", "glm_kernels_peak_mib", "reference_peak_mib", "memory_ratio",
            "glm_kernels_model_mib", "reference_model_mib", "glm_kernels_loss", "reference_loss", "floor_ms",
-           "bandwidth_gbs", "products_ms", "glm_kernels_load", "reference_load",
+           "bandwidth_gbs", "products_ms", "floor_share", "products_share", "glm_kernels_load", "reference_load",
            "run")
 MARKER = re.compile(r"(?P<open><!-- bench:(?P<suite>\w+) (?P<path>\S+) -->\n)(?P<body>.*?)"
                     r"(?P<close><!-- /bench:(?P=suite) -->)", re.S)
@@ -223,7 +224,7 @@ def render_table(data: dict, suite: str, source: str | None = None) -> str:
                  ("read bandwidth GB/s", lambda c: _num(c.get("bandwidth_gbs"), ".1f"))]
     if has("products_ms"):  # quantized decoding: the step's products alone, against the same floor
         cols += [("products alone ms", lambda c: _ms(c.get("products_ms"))),
-                 ("products at % of floor", lambda c: _num(_share(c.get("floor_ms"), c.get("products_ms")), ".0%"))]
+                 ("products at % of floor", lambda c: _num(_products_share(c), ".0%"))]
     lines = ["| " + " | ".join(name for name, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(c) for _, cell in cols) + " |" for c in cases]
     lines.append("")
@@ -243,8 +244,14 @@ def _pair(case, impl, metric):
 
 
 def _floor_share(case):
-    """floor / glm_kernels time: 100% means reading the weights is all the step costs."""
-    return _share(case.get("floor_ms"), case.get("glm_kernels_ms"))
+    """floor / glm_kernels time: 100% means reading the weights is all the step costs. Paired round by round when
+    the case measured it so (`floor_share`), else the two medians."""
+    return case.get("floor_share") or _share(case.get("floor_ms"), case.get("glm_kernels_ms"))
+
+
+def _products_share(case):
+    """floor / the step's products alone, paired round by round when measured so (`products_share`)."""
+    return case.get("products_share") or _share(case.get("floor_ms"), case.get("products_ms"))
 
 
 def _share(floor, ms):
