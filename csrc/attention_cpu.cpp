@@ -27,6 +27,7 @@
 
 #include "cpu_ops.h"
 #include "isa.h"
+#include "vec_cpu.h"
 
 namespace {
 
@@ -47,16 +48,7 @@ void axpy_scalar(float w, const T* v, float* acc, int64_t n) {
 }
 
 #ifdef GLM_X86
-#define GLM_AVX512 __attribute__((target("avx512f")))
-
-GLM_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-GLM_AVX512 inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-GLM_AVX512 inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using glm_kernels::vec::load16;
 
 template <typename T>
 GLM_AVX512 float dot_avx512(const T* a, const T* b, int64_t n) {

@@ -33,6 +33,7 @@
 
 #include "cpu_ops.h"
 #include "isa.h"
+#include "vec_cpu.h"
 
 namespace {
 
@@ -781,16 +782,10 @@ void dequant_row(const int8_t* wr, float s, int64_t ldw, int64_t bits, Isa chose
 }
 
 #ifdef GLM_X86
-// fp32 -> bf16, rounding to nearest even (the values are finite: q times an fp16 scale)
+// fp32 -> bf16, rounding to nearest even
 __attribute__((target("avx512f"))) void to_bf16_avx512(const float* in, int64_t k, c10::BFloat16* out) {
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
   int64_t i = 0;
-  for (; i + 16 <= k; i += 16) {
-    const __m512i b = _mm512_castps_si512(_mm512_loadu_ps(in + i));
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(bias, lsb)), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(r));
-  }
+  for (; i + 16 <= k; i += 16) glm_kernels::vec::store16(out + i, _mm512_loadu_ps(in + i));
   for (; i < k; ++i) out[i] = c10::BFloat16(in[i]);
 }
 #endif
