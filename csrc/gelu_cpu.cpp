@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "elementwise_cpu.h"
 #include "vec_cpu.h"
 
 namespace {
@@ -101,26 +102,13 @@ void gelu_rows(const torch::Tensor& x, const float* b, torch::Tensor& y) {
 }  // namespace
 
 torch::Tensor glm_kernels::bias_gelu(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 1 && x_in.size(-1) > 0, "x must be a CPU [..., n] tensor");
-  const auto dtype = x_in.scalar_type();
-  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kHalf || dtype == torch::kBFloat16,
-              "x must be fp32, fp16 or bf16, got ", dtype);
+  glm_kernels::check_activation(x_in, "[..., n]");
   const int64_t n = x_in.size(-1);
   const auto x = x_in.contiguous();
-  std::vector<float> b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n, "bias must be a CPU [", n,
-                "] tensor, got ", bias->sizes());
-    const auto f = bias->to(torch::kFloat).contiguous();
-    b.assign(f.const_data_ptr<float>(), f.const_data_ptr<float>() + n);
-  }
+  const auto b = bias.has_value() ? glm_kernels::floats_of(*bias, n, "bias") : std::vector<float>();
   const float* bp = bias.has_value() ? b.data() : nullptr;
   auto y = torch::empty_like(x);
-  switch (dtype) {
-    case torch::kBFloat16: gelu_rows<c10::BFloat16>(x, bp, y); break;
-    case torch::kHalf: gelu_rows<c10::Half>(x, bp, y); break;
-    default: gelu_rows<float>(x, bp, y); break;
-  }
+  glm_kernels::with_activation_type(x.scalar_type(), [&](auto t) { gelu_rows<decltype(t)>(x, bp, y); });
   return y;
 }
 

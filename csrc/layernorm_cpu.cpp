@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "elementwise_cpu.h"
 #include "vec_cpu.h"
 
 namespace {
@@ -26,16 +27,6 @@ namespace {
 using glm_kernels::Isa;
 using glm_kernels::isa;
 using glm_kernels::round_to;
-
-// weight / bias as fp32 (read once per call)
-std::vector<float> as_floats(const torch::Tensor& t, int64_t h, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == h, name, " must be a CPU [", h, "] tensor, got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kHalf ||
-                  t.scalar_type() == torch::kBFloat16, name, " must be fp32, fp16 or bf16, got ", t.scalar_type());
-  const auto f = t.to(torch::kFloat).contiguous();
-  return std::vector<float>(f.const_data_ptr<float>(), f.const_data_ptr<float>() + h);
-}
 
 // One row, portable: t = joined row (fp32 values of T), then mean, variance, y.
 template <typename T>
@@ -128,10 +119,8 @@ void norm_rows(const torch::Tensor& x, const c10::optional<torch::Tensor>& r, fl
 torch::Tensor glm_kernels::residual_layer_norm(const torch::Tensor& x_in, const c10::optional<torch::Tensor>& residual,
                                                double alpha, const torch::Tensor& weight, const torch::Tensor& bias,
                                                double eps) {
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 1 && x_in.size(-1) > 0, "x must be a CPU [..., h] tensor");
+  glm_kernels::check_activation(x_in, "[..., h]");
   const auto dtype = x_in.scalar_type();
-  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kHalf || dtype == torch::kBFloat16,
-              "x must be fp32, fp16 or bf16, got ", dtype);
   const int64_t h = x_in.size(-1);
   const auto x = x_in.contiguous();
   c10::optional<torch::Tensor> r;
@@ -141,15 +130,13 @@ torch::Tensor glm_kernels::residual_layer_norm(const torch::Tensor& x_in, const 
                 residual->scalar_type());
     r = residual->contiguous();
   }
-  const auto w = as_floats(weight, h, "weight");
-  const auto b = as_floats(bias, h, "bias");
+  const auto w = glm_kernels::floats_of(weight, h, "weight");
+  const auto b = glm_kernels::floats_of(bias, h, "bias");
   auto y = torch::empty_like(x);
   const float a = static_cast<float>(alpha), e = static_cast<float>(eps);
-  switch (dtype) {
-    case torch::kBFloat16: norm_rows<c10::BFloat16>(x, r, a, w.data(), b.data(), e, y); break;
-    case torch::kHalf: norm_rows<c10::Half>(x, r, a, w.data(), b.data(), e, y); break;
-    default: norm_rows<float>(x, r, a, w.data(), b.data(), e, y); break;
-  }
+  glm_kernels::with_activation_type(dtype, [&](auto t) {
+    norm_rows<decltype(t)>(x, r, a, w.data(), b.data(), e, y);
+  });
   return y;
 }
 
