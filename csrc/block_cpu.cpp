@@ -8,6 +8,9 @@
 //   layers_infer(hidden, alpha, eps, the four-per-layer lists of every layer, position_ids, cos, sin, num_heads,
 //                keys, values (each layer's [capacity, b, nh, hd] cache buffers), start, mask or None)
 //     -> the last block's (m, mlp): every block in one call
+//   step_infer(ids [b, s], embedding table (+ scale, bits, the dtype of its rows), layers_infer's arguments but
+//              hidden, the final LayerNorm's weight, bias and eps, the LM head (+ scale, bits))
+//     -> logits [b, s, vocab]: the whole forward of ChatGLMForConditionalGeneration in one call
 //
 // Per linear: a float weight [out, in] with scale None and bits 0 (nn.Linear), or THUDM's int8 bytes with their
 // fp16 row scale and bits 8 or 4 (QuantizedLinear); biases may be None. k_out / v_out are the cache views for the
@@ -30,9 +33,10 @@ namespace {
 
 // x [..., in] @ W^T (+ bias) as the model's `quant.linear` runs it on the CPU with the extension
 torch::Tensor project(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& scale,
-                      const c10::optional<torch::Tensor>& bias, int64_t bits) {
+                      const c10::optional<torch::Tensor>& bias, int64_t bits,
+                      const std::vector<glm_kernels::ReadAhead>& ahead = {}) {
   if (bits == 0) return at::linear(x, weight, bias);
-  const auto y = glm_kernels::linear(x.reshape({-1, x.size(-1)}), weight, *scale, bits, bias);
+  const auto y = glm_kernels::linear(x.reshape({-1, x.size(-1)}), weight, *scale, bits, bias, ahead);
   auto shape = x.sizes().vec();
   shape.back() = y.size(1);
   return y.reshape(shape);
@@ -62,13 +66,19 @@ std::tuple<torch::Tensor, torch::Tensor> block_infer(
     TORCH_CHECK(bits[i] == 0 || bits[i] == 4 || bits[i] == 8, "linear ", i, ": bits must be 0 (float), 4 or 8");
     TORCH_CHECK(quantized == scales.get(i).has_value(), "linear ", i, ": a scale goes with bits 4 or 8 and only then");
   }
-  auto linear = [&](size_t i, const torch::Tensor& x, bool with_bias) {
-    return project(x, weights[i], scales.get(i), with_bias ? biases.get(i) : c10::nullopt, bits[i]);
+  auto linear = [&](size_t i, const torch::Tensor& x, bool with_bias,
+                    const std::vector<glm_kernels::ReadAhead>& ahead = {}) {
+    return project(x, weights[i], scales.get(i), with_bias ? biases.get(i) : c10::nullopt, bits[i], ahead);
   };
+  // the cached keys and values the attention reads, fetched during the QKV product (they are as cold as the
+  // weights after a decode step's sweep: ~1 MiB per layer of the benchmark model at context 128)
+  std::vector<glm_kernels::ReadAhead> cached;
+  for (const auto* t : {&k_all, &v_all})
+    if (t->is_contiguous()) cached.push_back({t->data_ptr(), t->numel() * static_cast<int64_t>(t->element_size())});
 
   // attention: LN_in, QKV, 2D rotation (k, v into the cache), attention over the cache, dense
   const auto a = residual_norm(hidden, residual, alpha, norms[0], norms[1], eps);
-  const auto mixed = linear(0, a, true);
+  const auto mixed = linear(0, a, true, cached);
   const auto q = std::get<0>(glm_kernels::rope_qkv(mixed, position_ids, cos, sin, num_heads, k_out, v_out));
   const auto attn = linear(1, glm_kernels::attention_few(q, k_all, v_all, mask), true);
   // MLP: LN_post of the joined residual, dense_h_to_4h without its bias, bias + GeLU, dense_4h_to_h
@@ -125,6 +135,52 @@ std::tuple<torch::Tensor, torch::Tensor> layers_infer(
   return {h, *residual};
 }
 
+// The input embeddings [b, s, h] of ids [b, s], as the model's embedding module computes them: `at::embedding` of a
+// float table (bits 0), or each id's row of THUDM's bytes dequantized in fp32 and rounded to `dtype`
+// (QuantizedEmbedding's few-ids path, which raises IndexError for an id outside the table).
+torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& table, const c10::optional<torch::Tensor>& scale,
+                    int64_t bits, at::ScalarType dtype) {
+  TORCH_CHECK(ids.dim() == 2 && (ids.scalar_type() == torch::kLong || ids.scalar_type() == torch::kInt),
+              "ids must be an integer [b, s] tensor");
+  if (bits == 0) return at::embedding(table, ids);
+  TORCH_CHECK(scale.has_value() && (bits == 4 || bits == 8), "a quantized embedding takes a scale and bits 4 or 8");
+  const auto flat = ids.reshape({-1}).to(torch::kLong).contiguous();
+  const int64_t* id = flat.data_ptr<int64_t>();
+  std::vector<torch::Tensor> rows;
+  for (int64_t i = 0; i < flat.numel(); ++i) {
+    TORCH_CHECK_INDEX(0 <= id[i] && id[i] < table.size(0), "QuantizedEmbedding: id ", id[i], " outside [0, ",
+                      table.size(0), ")");
+    rows.push_back(glm_kernels::dequantize(table, *scale, bits, id[i], id[i] + 1));
+  }
+  const auto out = rows.size() == 1 ? rows[0] : at::cat(rows);
+  return out.to(dtype).reshape({ids.size(0), ids.size(1), -1});
+}
+
+// A whole CPU decoding forward of ChatGLMForConditionalGeneration in one call: the embeddings of `ids` [b, s],
+// every block (layers_infer), the final LayerNorm of the last block's joined output and the LM head, giving the
+// logits [b, s, vocab] (the head's output [s, b, vocab] made batch-first and contiguous, as the model returns it).
+// The same operators in the same order as the model's forward, so the logits are bitwise its own; what it saves
+// is the model-level Python of a step (~1.5 ms of an INT4 token of the benchmark model: the argument lists, the
+// embedding, LayerNorm and head module calls, each from cold caches after the step's weights swept them).
+torch::Tensor step_infer(
+    const torch::Tensor& ids, const torch::Tensor& embedding, const c10::optional<torch::Tensor>& embedding_scale,
+    int64_t embedding_bits, at::ScalarType embedding_dtype, double alpha, double eps,
+    const std::vector<torch::Tensor>& norms, const std::vector<torch::Tensor>& weights,
+    const c10::List<c10::optional<torch::Tensor>>& scales, const c10::List<c10::optional<torch::Tensor>>& biases,
+    const std::vector<int64_t>& bits, const torch::Tensor& position_ids, const torch::Tensor& cos,
+    const torch::Tensor& sin, int64_t num_heads,
+    const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values, int64_t start,
+    const c10::optional<torch::Tensor>& mask, const torch::Tensor& final_weight, const torch::Tensor& final_bias,
+    double final_eps, const torch::Tensor& head, const c10::optional<torch::Tensor>& head_scale, int64_t head_bits) {
+  TORCH_CHECK(head_bits == 0 || ((head_bits == 4 || head_bits == 8) && head_scale.has_value()),
+              "the head is a float weight (bits 0) or THUDM's bytes with a scale (bits 4 or 8)");
+  const auto embeds = embed(ids, embedding, embedding_scale, embedding_bits, embedding_dtype);
+  const auto [h, residual] = layers_infer(embeds.transpose(0, 1), alpha, eps, norms, weights, scales, biases, bits,
+                                          position_ids, cos, sin, num_heads, keys, values, start, mask);
+  const auto y = glm_kernels::residual_layer_norm(h, residual, alpha, final_weight, final_bias, final_eps);
+  return project(y, head, head_scale, c10::nullopt, head_bits).permute({1, 0, 2}).contiguous();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(glm_kernels, m) {
@@ -136,4 +192,11 @@ TORCH_LIBRARY_FRAGMENT(glm_kernels, m) {
         "Tensor?[] biases, int[] bits, Tensor position_ids, Tensor cos, Tensor sin, int num_heads, Tensor(a!)[] keys, "
         "Tensor(b!)[] values, int start, Tensor? mask=None) -> (Tensor, Tensor)",
         &layers_infer);
+  m.def("step_infer(Tensor ids, Tensor embedding, Tensor? embedding_scale, int embedding_bits, "
+        "ScalarType embedding_dtype, float alpha, float eps, Tensor[] norms, Tensor[] weights, Tensor?[] scales, "
+        "Tensor?[] biases, int[] bits, Tensor position_ids, Tensor cos, Tensor sin, int num_heads, "
+        "Tensor(a!)[] keys, Tensor(b!)[] values, int start, Tensor? mask, "
+        "Tensor final_weight, Tensor final_bias, float final_eps, Tensor head, Tensor? head_scale, int head_bits) "
+        "-> Tensor",
+        &step_infer);
 }

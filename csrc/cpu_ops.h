@@ -5,12 +5,28 @@
 #include <torch/extension.h>
 
 #include <tuple>
+#include <vector>
 
 namespace glm_kernels {
+
+// Bytes the operator after a product will read (the attention's keys and values): a decode step's weights sweep
+// every cache, so they would come from DRAM; `linear` pulls them in while it streams the weight.
+struct ReadAhead {
+  const void* data;
+  int64_t bytes;
+};
 
 // csrc/quant_cpu.cpp: y [M, N] in x's dtype = x [M, K] @ (q * scale)^T + bias, THUDM's INT8/INT4 bytes
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits,
                      const c10::optional<torch::Tensor>& bias);
+
+// the same product, prefetching `ahead` a few lines per pass of one bf16 row of x (decoding; other calls ignore it)
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits,
+                     const c10::optional<torch::Tensor>& bias, const std::vector<ReadAhead>& ahead);
+
+// csrc/quant_cpu.cpp: rows [start, stop) of W = q * scale, fp32 [stop - start, K]
+torch::Tensor dequantize(const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits, int64_t start,
+                         int64_t stop);
 
 // csrc/attention_cpu.cpp: attention of a few query rows [sq, b, nh, hd] over k, v [sk, b, nh, hd] -> [sq, b, nh * hd]
 torch::Tensor attention_few(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -432,14 +432,49 @@ GLM_BF16_TARGET void pass_bf16(const uint16_t* streams, const uint16_t* x, const
   }
 }
 
+// One thread's share of the read-ahead lines [first, last) (counted over the ranges one after the other), handed
+// out a few per pass so the prefetches spread over the whole product instead of queueing in front of the weight
+class AheadLines {
+ public:
+  AheadLines(const std::vector<glm_kernels::ReadAhead>& ranges, int64_t first, int64_t last, int64_t passes)
+      : ranges_(ranges), line_(first), last_(last), per_pass_(passes > 0 ? (last - first + passes - 1) / passes : 0) {}
+
+  void next() {
+    for (int64_t i = 0; i < per_pass_ && line_ < last_; ++i, ++line_) {
+      while (range_ < ranges_.size() && line_ - base_ >= lines(range_)) base_ += lines(range_++);
+      if (range_ == ranges_.size()) return;
+      __builtin_prefetch(static_cast<const char*>(ranges_[range_].data) + 64 * (line_ - base_), 0, 2);
+    }
+  }
+
+  static int64_t total(const std::vector<glm_kernels::ReadAhead>& ranges) {
+    int64_t n = 0;
+    for (const auto& r : ranges) n += (r.bytes + 63) / 64;
+    return n;
+  }
+
+ private:
+  int64_t lines(size_t i) const { return (ranges_[i].bytes + 63) / 64; }
+  const std::vector<glm_kernels::ReadAhead>& ranges_;
+  size_t range_ = 0;
+  int64_t base_ = 0;  // lines of the ranges before range_
+  int64_t line_, last_, per_pass_;
+};
+
 // rows [begin, end) of the weight: passes of kPass rows, the last rows of the range one by one
 template <int Bits>
 void rows_pass_bf16(const uint16_t* streams, const uint16_t* x, const int8_t* w, int64_t ldw, int64_t begin,
-                    int64_t end, float* sums) {
+                    int64_t end, float* sums, AheadLines& ahead) {
   const int64_t steps = ldw / kStep;
   int64_t r = begin;
-  for (; r + kPass <= end; r += kPass) pass_bf16<kPass, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
-  for (; r < end; ++r) pass_bf16<1, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
+  for (; r + kPass <= end; r += kPass) {
+    ahead.next();
+    pass_bf16<kPass, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
+  }
+  for (; r < end; ++r) {
+    ahead.next();
+    pass_bf16<1, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
+  }
 }
 
 // sum of the 8-byte words of [p, p + n64 * 64), n64 64-byte lines, four loads in flight
@@ -584,7 +619,8 @@ void deinterleave(const T* x, int64_t pairs, T* out) {
 
 // y [M, N] = x [M, K] @ (q * scale)^T (+ bias), fp32 accumulation, written in out's dtype (fp32, fp16, bf16).
 void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, const torch::Tensor& scale_in,
-                  int64_t bits, const c10::optional<torch::Tensor>& bias_in, torch::Tensor& out) {
+                  int64_t bits, const c10::optional<torch::Tensor>& bias_in, torch::Tensor& out,
+                  const std::vector<glm_kernels::ReadAhead>& ahead = {}) {
   const auto weight = weight_in.contiguous();
   const FloatRow scale(scale_in, "scale");
   const int64_t n = weight.size(0);
@@ -645,11 +681,14 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
       std::vector<uint16_t> streams(steps * kStep * 2);  // 4 bits: 4 x 32 values per step; 8 bits: 2 x 32
       pass_streams(xr, bits, steps, streams.data());
       const int64_t passes = (n + kPass - 1) / kPass;
+      const int64_t ahead_lines = AheadLines::total(ahead);
       at::parallel_for(0, passes, 4, [&](int64_t p0, int64_t p1) {
         const int64_t begin = p0 * kPass, end = std::min(n, p1 * kPass);
         std::vector<float> sums(end - begin);
-        if (bits == 8) rows_pass_bf16<8>(streams.data(), xr, wp, ldw, begin, end, sums.data());
-        else rows_pass_bf16<4>(streams.data(), xr, wp, ldw, begin, end, sums.data());
+        // each thread prefetches the read-ahead lines in proportion to its passes
+        AheadLines lines(ahead, ahead_lines * p0 / passes, ahead_lines * p1 / passes, end - begin);
+        if (bits == 8) rows_pass_bf16<8>(streams.data(), xr, wp, ldw, begin, end, sums.data(), lines);
+        else rows_pass_bf16<4>(streams.data(), xr, wp, ldw, begin, end, sums.data(), lines);
         write(m0, 1, begin, end, sums.data());
       });
       continue;
@@ -728,14 +767,20 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const to
 
 // y [M, N] in x's dtype = x @ (q * scale)^T + bias: gemv with the bias added in fp32 before the one rounding.
 torch::Tensor glm_kernels::linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
-                                  int64_t bits, const c10::optional<torch::Tensor>& bias) {
+                                  int64_t bits, const c10::optional<torch::Tensor>& bias,
+                                  const std::vector<ReadAhead>& ahead) {
   check(weight, scale, bits);
   check_x(x, weight, bits);
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kHalf ||
                   x.scalar_type() == torch::kBFloat16, "x must be fp32, fp16 or bf16");
   auto out = torch::empty({x.size(0), weight.size(0)}, x.options());
-  product_into(x, weight, scale, bits, bias, out);
+  product_into(x, weight, scale, bits, bias, out, ahead);
   return out;
+}
+
+torch::Tensor glm_kernels::linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                                  int64_t bits, const c10::optional<torch::Tensor>& bias) {
+  return linear(x, weight, scale, bits, bias, {});
 }
 
 // Sum of every 8-byte word of the tensors' storage, read as a decode step reads its weights: one tensor after
@@ -829,8 +874,8 @@ void dequantize_into(const torch::Tensor& weight_in, const torch::Tensor& scale_
   });
 }
 
-torch::Tensor dequantize(const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits, int64_t start,
-                         int64_t stop) {
+torch::Tensor glm_kernels::dequantize(const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits,
+                                      int64_t start, int64_t stop) {
   const int64_t k = bits == 8 ? weight.size(1) : weight.size(1) * 2;
   auto out = torch::empty({std::max<int64_t>(stop - start, 0), k}, weight.options().dtype(torch::kFloat));
   dequantize_into(weight, scale, bits, start, stop, out);
@@ -856,8 +901,10 @@ std::string set_isa(const std::string& name) {
 // The operators, as torch.ops.glm_kernels.* (visible to the profiler and to torch.library tooling).
 TORCH_LIBRARY(glm_kernels, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor scale, int bits) -> Tensor", &gemv);
-  m.def("linear(Tensor x, Tensor weight, Tensor scale, int bits, Tensor? bias=None) -> Tensor", &glm_kernels::linear);
-  m.def("dequantize(Tensor weight, Tensor scale, int bits, int start, int stop) -> Tensor", &dequantize);
+  m.def("linear(Tensor x, Tensor weight, Tensor scale, int bits, Tensor? bias=None) -> Tensor",
+        static_cast<torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, int64_t,
+                                      const c10::optional<torch::Tensor>&)>(&glm_kernels::linear));
+  m.def("dequantize(Tensor weight, Tensor scale, int bits, int start, int stop) -> Tensor", &glm_kernels::dequantize);
   m.def("dequantize_into(Tensor weight, Tensor scale, int bits, int start, int stop, Tensor(a!) out) -> ()",
         &dequantize_into);
   m.def("stream_read(Tensor[] tensors) -> int", &stream_read);
@@ -871,5 +918,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the best instruction set this CPU supports");
   m.def("set_isa", &set_isa, "use another build of the loops (scalar, avx2, avx512f, avx512bf16); returns the previous",
         py::arg("name"));
-  m.attr("VERSION") = 10;
+  m.attr("VERSION") = 11;
 }

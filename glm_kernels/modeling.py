@@ -27,8 +27,8 @@ from .ops.mask import GLMMask
 from .ops.rotary import inv_freq
 from .placement import execution_device
 from .quant.layout import check_bits
-from .quant.modules import (BLOCK_LINEARS, QuantizedEmbedding, QuantizedLinear, is_quantized, linear, linear_parts,
-                            quantized_modules)
+from .quant.modules import (BLOCK_LINEARS, QuantizedEmbedding, QuantizedLinear, embedding_parts, is_quantized, linear,
+                            linear_parts, quantized_modules)
 
 logger = logging.getLogger(__name__)
 
@@ -766,6 +766,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         `check_inputs`: see `ChatGLMModel.forward`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if labels is None and not skip_logits:
+            step = self._one_call_step(input_ids, position_ids, attention_mask, past_key_values, inputs_embeds,
+                                       use_cache, output_attentions, output_hidden_states, logits_to_keep,
+                                       check_inputs)
+            if step is not None:
+                logits, past = step
+                if not return_dict:
+                    return (logits,) if past is None else (logits, past)
+                return CausalLMOutputWithPast(logits=logits, past_key_values=past)
         if labels is not None:
             expected = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
             if tuple(labels.shape) != expected:
@@ -808,6 +817,52 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
             return ((loss,) if loss is not None else ()) + ((logits,) if logits is not None else ()) + rest
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def _one_call_step(self, input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, use_cache,
+                       output_attentions, output_hidden_states, logits_to_keep, check_inputs):
+        """`(logits, past)` of a CPU decoding step computed in one C++ call (`ops.step_infer`: embeddings, blocks,
+        final LayerNorm, head), or None when the step is not one it takes; then `forward` runs as usual.
+
+        Taken for the steps `generate()` makes after the prompt: input ids and positions on the CPU, a
+        `GLMKVCache` past its first step with the mask that step set, no mask given, nothing asked beyond the
+        logits of every new position, and a model whose calls do nothing but their forwards (no hooks). The
+        checks and errors are the model's own (the same calls, in the same order); the logits are bitwise those
+        of the full forward (tests/test_step_infer.py).
+        """
+        cfg, model = self.config, self.transformer
+        cache = past_key_values
+        if not isinstance(cache, GLMKVCache) or input_ids is None or inputs_embeds is not None or \
+                attention_mask is not None or position_ids is None or cache.mask is None or \
+                (output_attentions if output_attentions is not None else cfg.output_attentions) or \
+                (output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states) or \
+                not isinstance(logits_to_keep, int) or input_ids.device.type != "cpu" or \
+                position_ids.device != input_ids.device or (model.gradient_checkpointing and model.training):
+            return None
+        if global_forward_hooks() or any(hooked(m) for m in (model, model.word_embeddings, self.lm_head)) or \
+                not model._blocks_unhooked():
+            return None
+        embedding, head = embedding_parts(model.word_embeddings), linear_parts(self.lm_head)
+        if embedding is None or head is None:
+            return None
+        check = check_inputs is not False
+        model._check_inputs(input_ids, None, cache, check)
+        batch, seq = input_ids.shape
+        past_length = cache.get_seq_length()
+        if past_length == 0 or (0 < logits_to_keep < seq):
+            return None  # the first step sets the cache's mask and prefix; part of the logits is another product
+        dtype, device = embedding[3], input_ids.device
+        cache.check_compatible(batch, dtype, (device,) * model.num_layers)
+        cache.check_capacity(seq)
+        model._check_positions(position_ids, batch, seq, past_length, check)
+        mask = None if seq == 1 and not cache.padded else cache.mask_on(device)
+        ln = model.final_layernorm
+        logits = ops.step_infer(input_ids, embedding, [layer.infer_parts() for layer in model.layers], ALPHA,
+                                position_ids, model.rotary_table(dtype, device), cfg.num_attention_heads, cache, mask,
+                                (ln.weight, ln.bias, ln.eps), head, ops.kernel_plan(cfg.kernel_backend, device))
+        if logits is None:
+            return None
+        cache.advance(seq)
+        return logits, cache if (use_cache if use_cache is not None else cfg.use_cache) else None
 
     def _fused_loss(self, hidden_states, labels, num_items_in_batch=None):
         """Shifted LM loss from the sequence-first `[s, b, h]` hidden states, through the fused head + CE.

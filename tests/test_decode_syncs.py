@@ -158,13 +158,14 @@ def test_steps_without_a_mask_keep_the_padding_of_the_first_step():
     assert_fp32_close(cached_mask, torch.stack(grown, 1), 1e-4, "steps with the cache's mask vs the grown mask")
 
 
-@pytest.mark.parametrize("one_call", ["off", "blocks", "layers"],
-                         ids=["op-by-op blocks", "one-call blocks", "all blocks in one call"])
+@pytest.mark.parametrize("one_call", ["off", "blocks", "layers", "step"],
+                         ids=["op-by-op blocks", "one-call blocks", "all blocks in one call", "whole step in one call"])
 def test_mask_scalars_are_built_once_per_generate(monkeypatch, one_call):
     """No GLMMask is built in a decode step; every layer of every step gets the same mask object, whose
     scalars are already the attention kernels' int32 (no per-layer conversion). Seen by the attention op of the
-    op-by-op block, by `ops.block_infer` when each CPU block runs in one call, and by `ops.layers_infer` (once
-    per forward, counted for every layer) when all of them do."""
+    op-by-op block, by `ops.block_infer` when each CPU block runs in one call, by `ops.layers_infer` (once
+    per forward, counted for every layer) when all of them do, and by `ops.step_infer` for the steps after the
+    prompt when the whole step runs in one call."""
     import glm_kernels.ops.block as block_mod
 
     model = make_model(tie_word_embeddings=False)
@@ -172,11 +173,15 @@ def test_mask_scalars_are_built_once_per_generate(monkeypatch, one_call):
     ids, mask4d, pos = left_padded_batch(rows, 5)
     masks, built = [], []
     monkeypatch.setattr(block_mod, "ENABLED", one_call != "off")
-    monkeypatch.setattr(block_mod, "ALL_LAYERS", one_call == "layers")
-    if one_call == "layers":
-        whole = ops.layers_infer
+    monkeypatch.setattr(block_mod, "ALL_LAYERS", one_call in ("layers", "step"))
+    monkeypatch.setattr(block_mod, "WHOLE_STEP", one_call == "step")
+    if one_call in ("layers", "step"):
+        whole, step = ops.layers_infer, ops.step_infer
         monkeypatch.setattr(ops, "layers_infer", lambda hidden, blocks, *a: masks.extend(
             [(hidden.shape[0], a[5])] * len(blocks)) or whole(hidden, blocks, *a))
+        if one_call == "step":  # the steps after the prompt (which runs layers_infer)
+            monkeypatch.setattr(ops, "step_infer", lambda ids, embedding, blocks, *a: masks.extend(
+                [(ids.shape[1], a[5])] * len(blocks)) or step(ids, embedding, blocks, *a))
     elif one_call == "blocks":
         block = ops.block_infer
         monkeypatch.setattr(ops, "block_infer", lambda hidden, *a: masks.append((hidden.shape[0], a[9])) or

@@ -23,22 +23,24 @@ from .mask import GLMMask
 from .quant_linear import EXTENSION_MAX_ROWS
 from .rotary import FEW_TOKENS
 
-# Tests turn these off to compare against the op-by-op path (ENABLED) and the one-call-per-block path
-# (ALL_LAYERS: every block in one call when the model's blocks all take it).
+# Tests turn these off to compare against the op-by-op path (ENABLED), the one-call-per-block path (ALL_LAYERS:
+# every block in one call when the model's blocks all take it) and the model's forward around the blocks
+# (WHOLE_STEP: a decoding step of ChatGLMForConditionalGeneration in one call).
 ENABLED = True
 ALL_LAYERS = True
+WHOLE_STEP = True
 
 
-def _takes(ext, hidden, backend) -> bool:
-    """What a one-call block needs of the call: the extension, CPU tensors, at most as many rows as the
-    extension's product, `rope_qkv` and `attention_few` each take (`s * b` and `s`), the torch backend."""
-    if not ENABLED or ext is None or hidden.device.type != "cpu":
+def _takes(ext, s: int, b: int, dtype, device, backend) -> bool:
+    """What a one-call block needs of the call (hidden `[s, b, h]` of `dtype` on `device`): the extension, CPU
+    tensors, at most as many rows as the extension's product, `rope_qkv` and `attention_few` each take (`s * b`
+    and `s`), the torch backend."""
+    if not ENABLED or ext is None or device.type != "cpu":
         return False
-    s, b, _ = hidden.shape
-    if s > FEW_ROWS or s * b > min(FEW_TOKENS, EXTENSION_MAX_ROWS.get(hidden.dtype, 0)):
+    if s > FEW_ROWS or s * b > min(FEW_TOKENS, EXTENSION_MAX_ROWS.get(dtype, 0)):
         return False
     # on the CPU every op of the block resolves alike: torch unless a backend is requested explicitly
-    return backend_mod.resolve("attention", hidden.device, backend) == "torch"
+    return backend_mod.resolve("attention", device, backend) == "torch"
 
 
 def block_infer(hidden, residual, alpha: float, eps: float, norms, linears, position_ids, rotary, num_heads: int,
@@ -60,7 +62,7 @@ def block_infer(hidden, residual, alpha: float, eps: float, norms, linears, posi
     (`s * b` and `s`), and nothing needs a gradient.
     """
     ext = cpu_ext.extension()
-    if any(p is None for p in linears) or not _takes(ext, hidden, backend):
+    if any(p is None for p in linears) or not _takes(ext, *hidden.shape[:2], hidden.dtype, hidden.device, backend):
         return None
     s = hidden.shape[0]
     k_out, v_out, k_all, v_all = slots
@@ -73,10 +75,6 @@ def block_infer(hidden, residual, alpha: float, eps: float, norms, linears, posi
     return ext.block_infer(hidden, residual, alpha, eps, list(norms), list(weights), list(scales), list(biases),
                            list(bits), position_ids, rotary[0], rotary[1], num_heads, k_out, v_out, k_all, v_all,
                            mask)
-
-
-def _needs_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def layers_infer(hidden, blocks, alpha: float, position_ids, rotary, num_heads: int, cache, mask, backend=None):
@@ -93,21 +91,68 @@ def layers_infer(hidden, blocks, alpha: float, position_ids, rotary, num_heads: 
     saves the Python of each block call (~0.1 ms per layer of a decode step once the weights have swept the
     caches).
     """
+    args = _layers_args(*hidden.shape[:2], hidden.dtype, hidden.device, blocks, alpha, position_ids, rotary,
+                        num_heads, cache, mask, backend, (hidden,))
+    return None if args is None else cpu_ext.extension().layers_infer(hidden, *args)
+
+
+def step_infer(input_ids, embedding, blocks, alpha: float, position_ids, rotary, num_heads: int, cache, mask,
+               final_norm, head, backend=None):
+    """The logits `[b, s, vocab]` of a whole forward of `ChatGLMForConditionalGeneration` in one call
+    (`_C.step_infer`: embeddings, every block, final LayerNorm, LM head), or None when the call is not one it
+    takes (then the model runs its forward).
+
+    Args:
+        input_ids: `[b, s]` integer ids on the CPU.
+        embedding: `(table, scale, bits, dtype)`: an `nn.Embedding`'s weight with None, 0 and its dtype, or a
+            `QuantizedEmbedding`'s THUDM bytes, fp16 scale, bits and the dtype of its rows (the model's).
+        blocks, position_ids, rotary, num_heads, cache, mask: as for `layers_infer`, rotary in that dtype.
+        final_norm: `(weight, bias, eps)` of the final LayerNorm.
+        head: the LM head's `(weight, scale, bias, bits)` (`quant.modules.linear_parts`) without a bias, or None
+            for a head in another form (the call is then not taken).
+    Taken when `layers_infer` would be, with the tables on the CPU and nothing needing a gradient. Its logits
+    are bitwise those of the model's forward (the same operators in the same order); it saves the model-level
+    Python of a decode step (~1.5 ms of an INT4 token of the benchmark model, docs/quantization.md).
+    """
+    table, table_scale, table_bits, dtype = embedding
+    if not WHOLE_STEP or head is None or head[2] is not None:
+        return None
+    tables = (table, table_scale, head[0], head[1], *final_norm[:2])
+    if any(t is not None and t.device.type != "cpu" for t in tables):
+        return None
+    b, s = input_ids.shape
+    args = _layers_args(s, b, dtype, input_ids.device, blocks, alpha, position_ids, rotary, num_heads, cache, mask,
+                        backend, tables)
+    if args is None:
+        return None
+    return cpu_ext.extension().step_infer(input_ids, table, table_scale, table_bits, dtype, *args, *final_norm,
+                                          head[0], head[1], head[3])
+
+
+def _layers_args(s: int, b: int, dtype, device, blocks, alpha, position_ids, rotary, num_heads, cache, mask,
+                 backend, inputs):
+    """`layers_infer`'s arguments after `hidden` (`[s, b, h]` of `dtype` on `device`), or None when the call is
+    not one every block would take (`inputs`: the call's other tensors, which must not need a gradient)."""
     ext = cpu_ext.extension()
-    if not ALL_LAYERS or not blocks or any(b is None for b in blocks) or not _takes(ext, hidden, backend):
+    if not ALL_LAYERS or not blocks or any(blk is None for blk in blocks) or \
+            not _takes(ext, s, b, dtype, device, backend):
         return None
     eps = blocks[0][0]
     if any(e != eps or any(p is None or p[0].device.type != "cpu" for p in linears) for e, _, linears in blocks):
         return None  # a shared eps, every linear in a form the block takes and on the CPU (not meta, offloaded)
     keys, values = zip(*(cache.seq_view(i) for i in range(len(blocks))))
-    if torch.is_grad_enabled() and _needs_grad(hidden, *keys, *values,
+    if torch.is_grad_enabled() and _needs_grad(*inputs, *keys, *values,
                                                 *(t for _, norms, linears in blocks
                                                   for t in (*norms, *(u for parts in linears for u in parts[:3])))):
         return None
-    s, start = hidden.shape[0], cache.filled
+    start = cache.filled
     if isinstance(mask, GLMMask):
         mask = mask.dense(s, start + s)
     norms = [t for _, layer_norms, _ in blocks for t in layer_norms]
     weights, scales, biases, bits = zip(*(parts for _, _, linears in blocks for parts in linears))
-    return ext.layers_infer(hidden, alpha, eps, norms, list(weights), list(scales), list(biases), list(bits),
-                            position_ids, rotary[0], rotary[1], num_heads, list(keys), list(values), start, mask)
+    return (alpha, eps, norms, list(weights), list(scales), list(biases), list(bits), position_ids, rotary[0],
+            rotary[1], num_heads, list(keys), list(values), start, mask)
+
+
+def _needs_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)

@@ -382,6 +382,21 @@ def linear_parts(module: nn.Module):
     return None
 
 
+def embedding_parts(module: nn.Module):
+    """`(table, scale, bits, dtype)` as `ops.step_infer` takes an embedding: an `nn.Embedding` as (weight, None, 0,
+    its dtype), a `QuantizedEmbedding` holding THUDM's bytes as (int8 weight, fp16 scale, bits, the model dtype);
+    None for another form or an `nn.Embedding` whose lookup is not a plain gather (max_norm, padding gradients do
+    not matter without a gradient, max_norm renormalises the table)."""
+    params = module._parameters
+    if isinstance(module, QuantizedEmbedding):
+        weight = params["weight"]
+        return None if weight.dtype != torch.int8 else (weight, params["weight_scale"], module.bits, module.dtype)
+    if type(module) is nn.Embedding and module.max_norm is None:
+        weight = params["weight"]
+        return weight, None, 0, weight.dtype
+    return None
+
+
 def quantized_modules(model: nn.Module):
     """`(name, module)` of every quantized module in `model`."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
