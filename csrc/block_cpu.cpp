@@ -48,6 +48,22 @@ torch::Tensor residual_norm(const torch::Tensor& x, const c10::optional<torch::T
   return glm_kernels::residual_layer_norm(x, residual, alpha, weight, bias, eps);
 }
 
+// The memory of a cache view [sk, b, nh, hd] as runs of bytes: the whole view when it is contiguous, one run per
+// (batch, head) when each head's rows lie one after the other (GLMKVCache's [b, nh, capacity, hd] buffers seen
+// through seq_view), nothing otherwise.
+void add_runs(const torch::Tensor& t, std::vector<glm_kernels::ReadAhead>& runs) {
+  const int64_t size = t.element_size();
+  if (t.is_contiguous()) {
+    runs.push_back({t.data_ptr(), t.numel() * size});
+    return;
+  }
+  if (t.dim() != 4 || t.stride(3) != 1 || t.stride(0) != t.size(3)) return;
+  const char* base = static_cast<const char*>(t.data_ptr());
+  for (int64_t b = 0; b < t.size(1); ++b)
+    for (int64_t h = 0; h < t.size(2); ++h)
+      runs.push_back({base + (b * t.stride(1) + h * t.stride(2)) * size, t.size(0) * t.size(3) * size});
+}
+
 std::tuple<torch::Tensor, torch::Tensor> block_infer(
     const torch::Tensor& hidden, const c10::optional<torch::Tensor>& residual, double alpha, double eps,
     const std::vector<torch::Tensor>& norms, const std::vector<torch::Tensor>& weights,
@@ -73,8 +89,7 @@ std::tuple<torch::Tensor, torch::Tensor> block_infer(
   // the cached keys and values the attention reads, fetched during the QKV product (they are as cold as the
   // weights after a decode step's sweep: ~1 MiB per layer of the benchmark model at context 128)
   std::vector<glm_kernels::ReadAhead> cached;
-  for (const auto* t : {&k_all, &v_all})
-    if (t->is_contiguous()) cached.push_back({t->data_ptr(), t->numel() * static_cast<int64_t>(t->element_size())});
+  for (const auto* t : {&k_all, &v_all}) add_runs(*t, cached);
 
   // attention: LN_in, QKV, 2D rotation (k, v into the cache), attention over the cache, dense
   const auto a = residual_norm(hidden, residual, alpha, norms[0], norms[1], eps);

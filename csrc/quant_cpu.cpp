@@ -337,17 +337,6 @@ alignas(64) constexpr uint16_t kSixteenSigned[32] = {
     0xC200, 0xC180, 0x0000, 0x4180, 0x4200, 0x4240, 0x4280, 0x42A0, 0x42C0, 0x42E0, 0xC300, 0xC2E0, 0xC2C0, 0xC2A0,
     0xC280, 0xC240, 0xC200, 0xC180};
 
-// the horizontal sums of four vectors, in lanes 0..3: halves, then quarters of all four at once, then the four
-// lanes of each quarter (14 instructions against four reductions' ~32; a pass of 1 KiB rows is ~260 cycles)
-GLM_BF16_TARGET inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  z = _mm512_add_ps(z, _mm512_permute_ps(z, 0x4E));
-  z = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1));
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), z));
-}
-
 // x (one row, bf16 bits, [k]) into the streams the pass reads: [4][steps * 32] (4 bits) or [2][steps * 32]
 // (8 bits); each stream's 32 values per step gathered with two-source word permutes
 GLM_BF16_TARGET void pass_streams(const uint16_t* x, int64_t bits, int64_t steps, uint16_t* out) {
@@ -416,7 +405,7 @@ GLM_BF16_TARGET void pass_bf16(const uint16_t* streams, const uint16_t* x, const
     row_sum[r] = r < R ? _mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]), _mm512_add_ps(a[r][2], a[r][3]))
                        : _mm512_setzero_ps();
   alignas(16) float lanes[4];
-  _mm_store_ps(lanes, reduce4(row_sum[0], row_sum[1], row_sum[2], row_sum[3]));
+  _mm_store_ps(lanes, glm_kernels::vec::reduce4(row_sum[0], row_sum[1], row_sum[2], row_sum[3]));
   const int64_t from = steps * kStep;
   for (int r = 0; r < R; ++r) {
     const int8_t* row = w + r * ldw;

@@ -133,6 +133,7 @@ class GLMKVCache(Cache):
         self.padded = True  # whether any row is left-padded (known once the mask is set)
         self._masks: dict[torch.device, GLMMask] = {}  # self.mask on each layer device
         self._checked = None  # (batch, dtype, layer devices) the cache was last checked against
+        self._views: dict[tuple, tuple] = {}  # (layer, modes) -> (keys, values, their seq_view)
         super().__init__(layers=[GLMCacheLayer(k, v, self) for k, v in zip(keys, values)])
 
     @classmethod
@@ -199,6 +200,7 @@ class GLMKVCache(Cache):
 
     def _rows_changed(self, select) -> None:
         self._checked = None
+        self._views = {}  # the views of the replaced buffers would keep them alive
         if self.mask is not None:
             m = self.mask
             self.set_mask(GLMMask(m.prefix_len, select(m.pad), select(m.context), m.causal), self.padded)
@@ -254,9 +256,17 @@ class GLMKVCache(Cache):
         return self._masks[device]
 
     def seq_view(self, layer_idx: int):
-        """Key and value buffers of a layer as `[capacity, b, nh, hd]` views (the ops' layout)."""
+        """Key and value buffers of a layer as `[capacity, b, nh, hd]` views (the ops' layout), made once per
+        buffer (a CPU decode step asks for every layer's: 16 ATen calls from cold caches otherwise)."""
         layer = self.layers[layer_idx]
-        return layer.keys.permute(2, 0, 1, 3), layer.values.permute(2, 0, 1, 3)
+        keys, values = layer.keys, layer.values
+        # per grad and inference mode: autograd refuses an in-place write, with gradients on, to a view made
+        # without them, and any write outside inference mode to a view made in it
+        key = (layer_idx, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        made = self._views.get(key)
+        if made is None or made[0] is not keys or made[1] is not values:
+            made = self._views[key] = (keys, values, keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3))
+        return made[2], made[3]
 
     def write_prefix(self, prompt) -> None:
         """Write the P-Tuning prefix (per layer a `[2, P, b, nh, hd]` tensor from `get_prompt`, on any device) once."""

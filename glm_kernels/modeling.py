@@ -436,7 +436,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if input_ids.numel() == 0:
                 raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
         if input_ids is not None and check:  # reads the ids on the host: a sync on a GPU
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = (int(t) for t in torch.aminmax(input_ids))
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids holds id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
@@ -472,7 +472,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                              f"max_sequence_length={limit}")
         if not check:
             return
-        lo, hi = int(position_ids.min()), int(position_ids.max())  # a host sync on a GPU
+        lo, hi = (int(t) for t in torch.aminmax(position_ids))  # a host sync on a GPU
         if lo < 0 or hi >= limit:
             raise ValueError(f"position_ids holds {lo if lo < 0 else hi}, outside [0, max_sequence_length={limit})")
 

@@ -184,12 +184,15 @@ def test_attention_inference_path_with_fully_masked_rows(dtype, cpu_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32] + LOWP)
 @pytest.mark.parametrize("sq, batch_mask", [(1, False), (1, True), (5, True)])
-def test_attention_few_reads_cache_views(dtype, sq, batch_mask, isa):
+@pytest.mark.parametrize("hd", [64, 128, 48, 40])
+def test_attention_few_reads_cache_views(dtype, sq, batch_mask, hd, isa):
     """The extension's few-row attention (CPU decoding): strided views of a [max, b, nh, hd] cache, a query
-    sliced out of the fused QKV output, masks per batch row or broadcast, a fully masked row (uniform weights)."""
+    sliced out of the fused QKV output, masks per batch row or broadcast, a fully masked row (uniform weights).
+    Head widths: multiples of 32 (the bf16 loops on even / odd halves), of 16 only (q and the output in
+    registers), and neither (the plain loops); 37 keys leave a tail after the four-key steps."""
     from glm_kernels import cpu_ext
 
-    b, nh, hd, filled = 2, 4, 64, 37
+    b, nh, filled = 2, 4, 37
     qkv = torch.randn(sq, b, nh, 3 * hd)
     cache_k, cache_v = torch.randn(2, 48, b, nh, hd).unbind(0)
     k, v = cache_k[:filled], cache_v[:filled]

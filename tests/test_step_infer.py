@@ -212,3 +212,17 @@ def test_bad_inputs_raise_the_forwards_errors_and_leave_the_cache(bits, monkeypa
                 model(**kwargs)
             assert cache.filled == before[1], (off, message)
             assert all(torch.equal(a, layer.keys) for a, layer in zip(before[0], cache.layers)), (off, message)
+
+
+def test_cache_views_follow_grad_and_inference_modes(monkeypatch):
+    # the cache keeps its [capacity, b, nh, hd] views; one made without gradients (or in inference mode) must not
+    # be written in place with gradients on (or outside inference mode): torch refuses both
+    model, steps = model_for(torch.float32, 0), Steps(monkeypatch)
+    cache, _, width = prompt_cache(model, PROMPTS[:1])  # the prompt ran under no_grad
+    with torch.inference_mode():
+        model(torch.tensor([[20]]), position_ids=positions(1, 1, width), past_key_values=cache)
+    model.transformer.final_layernorm.weight.requires_grad_(True)
+    out = model(torch.tensor([[21]]), position_ids=positions(1, 2, width), past_key_values=cache)
+    out.logits.float().sum().backward()
+    assert model.transformer.final_layernorm.weight.grad is not None
+    assert steps.taken == [True, False] and cache.filled == width + 2
