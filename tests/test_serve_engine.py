@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
+import glm_kernels.ops as ops
 from glm_kernels.serve import SamplingParams, load_prefix
 from glm_kernels.serve.sampling import filtered_probs, sample_rows
 from glm_kernels.serve.text import BadRequest, TextStream, messages_to_chat
@@ -44,14 +45,23 @@ def run_all(engine, jobs, max_steps=2000):
     return results
 
 
-def test_batched_greedy_equals_each_request_alone(base, serve_prefix_dirs):
+def test_batched_greedy_equals_each_request_alone(base, serve_prefix_dirs, monkeypatch):
     """Mixed prefixes (none, 4, 9 columns), prompt lengths 2-40 and answer limits in one continuous batch,
-    joining and leaving at different steps: every answer and token count equals generate() alone."""
+    joining and leaving at different steps: every answer and token count equals generate() alone. Every
+    batched decode step runs as one C++ call on the CPU (`ops.step_infer`, bitwise the model's forward)."""
     model, tok = base
     engine = make_engine(model, tok, serve_prefix_dirs, max_batch_size=4)
     names = [BASE_NAME, *PREFIXES]
     jobs = [(names[i % 3], PROMPTS[(i * 2) % 5], 3 + 7 * (i % 4)) for i in range(12)]
+    taken, one_call = [], ops.step_infer
+
+    def counting(*args, **kwargs):
+        out = one_call(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+    monkeypatch.setattr(ops, "step_infer", counting)
     results = run_all(engine, jobs)
+    assert taken == [True] * engine.steps and engine.steps > 0
     for i, (model_name, prompt, n) in enumerate(jobs):
         text, ev = results[i]
         expected = solo_answer(serve_prefix_dirs, model_name, prompt, n)
