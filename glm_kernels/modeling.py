@@ -842,8 +842,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
                 not model._blocks_unhooked():
             return None
         embedding, head = embedding_parts(model.word_embeddings), linear_parts(self.lm_head)
-        if embedding is None or head is None:
-            return None
+        if embedding is None or head is None or embedding[0].device.type != "cpu" or \
+                head[0].device.type != "cpu" or any(layer.keys.device.type != "cpu" for layer in cache.layers):
+            return None  # CPU ids for a model or cache elsewhere: the forward moves them (or names the device)
         check = check_inputs is not False
         model._check_inputs(input_ids, None, cache, check)
         batch, seq = input_ids.shape
