@@ -11,6 +11,10 @@ on exactly those operators, and otherwise runs op by op.
 `layers_infer` runs every block of a forward in one call (`_C.layers_infer`: the same C++ block, layer after
 layer, the cache views cut in C++), which also saves each block's module call; the model takes it when every
 block would take `block_infer` and none is hooked, else it calls the blocks one by one.
+
+`step_infer` runs a whole decoding step of `ChatGLMForConditionalGeneration` in one call (`_C.step_infer`:
+embeddings, `layers_infer`, final LayerNorm, LM head); the model takes it for the steps after the prompt
+(`ChatGLMForConditionalGeneration._one_call_step` says when), bitwise its forward.
 """
 from __future__ import annotations
 
