@@ -425,8 +425,8 @@ GLM_BF16_TARGET void pass_bf16(const uint16_t* streams, const uint16_t* x, const
 // out a few per pass so the prefetches spread over the whole product instead of queueing in front of the weight
 class AheadLines {
  public:
-  AheadLines(const std::vector<glm_kernels::ReadAhead>& ranges, int64_t first, int64_t last, int64_t passes)
-      : ranges_(ranges), line_(first), last_(last), per_pass_(passes > 0 ? (last - first + passes - 1) / passes : 0) {}
+  AheadLines(const std::vector<glm_kernels::ReadAhead>& ranges, int64_t first, int64_t last, int64_t calls)
+      : ranges_(ranges), line_(first), last_(last), per_pass_(calls > 0 ? (last - first + calls - 1) / calls : 0) {}
 
   void next() {
     for (int64_t i = 0; i < per_pass_ && line_ < last_; ++i, ++line_) {
@@ -674,8 +674,10 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
       at::parallel_for(0, passes, 4, [&](int64_t p0, int64_t p1) {
         const int64_t begin = p0 * kPass, end = std::min(n, p1 * kPass);
         std::vector<float> sums(end - begin);
-        // each thread prefetches the read-ahead lines in proportion to its passes
-        AheadLines lines(ahead, ahead_lines * p0 / passes, ahead_lines * p1 / passes, end - begin);
+        // each thread prefetches the read-ahead lines in proportion to its passes, spread over the calls
+        // rows_pass_bf16 makes: one per pass of kPass rows and one per row left over
+        const int64_t calls = (end - begin) / kPass + (end - begin) % kPass;
+        AheadLines lines(ahead, ahead_lines * p0 / passes, ahead_lines * p1 / passes, calls);
         if (bits == 8) rows_pass_bf16<8>(streams.data(), xr, wp, ldw, begin, end, sums.data(), lines);
         else rows_pass_bf16<4>(streams.data(), xr, wp, ldw, begin, end, sums.data(), lines);
         write(m0, 1, begin, end, sums.data());
