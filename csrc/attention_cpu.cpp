@@ -13,7 +13,7 @@
 // blocking set up for long sequences), 3 ms of a 25 ms INT4 decode step at the benchmark size; these loops take
 // ~0.05 ms there and 7x less than PyTorch's at 1056 keys in bf16. At long contexts they read the cache at about
 // DRAM speed (fp32, 2049 keys: 2.2 ms against PyTorch's 1.7). Work is split over (batch, head) pairs. With AVX512
-// and a head width that is a multiple of 16, a row's q and its output stay in registers (attend_row_avx512).
+// and a head width that is a multiple of 16, a row's q and its output stay in registers (attend_row).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -88,11 +88,6 @@ inline void prefetch_row(const T* row, int64_t hd) {
 }
 
 #ifdef GLM_X86
-// One query row of one head whose width is 16 * C: q held in C registers, the scores of four keys per step (each
-// an fp32 dot product in q's order, the four summed by one transposed reduction), the softmax weights by a
-// vectorised exp, and the weighted sum of the value rows held in C registers. The loops above take a dot product
-// and a horizontal sum per key and add each value row into memory: ~80 us for one token over 129 keys x 16
-// heads of 128 on one core, ~15 us here. `weights` holds sk floats.
 // The scores of a query row (weights[0, sk), already scaled) become their unnormalised softmax weights
 // exp(score - max), masked keys 0; returns their sum. Masked keys are left out; a fully masked row weighs every key
 // alike (the original's scores are all equal there).
@@ -121,128 +116,89 @@ GLM_AVX512 inline float softmax_weights(float* weights, int64_t sk, const bool* 
   return total;
 }
 
-// q . key j as 16 partial sums (q in C registers), asking for the key kAheadRows further
-template <typename T, int C>
+// How a head's row of 16 * N values is held as N fp32 vectors. Plain: vector n holds values [16n, 16n + 16).
+template <typename T, int N>
+struct PlainRow {
+  static constexpr int kVectors = N;
+  GLM_AVX512 static inline __m512 get(const T* row, int n) { return load16(row + 16 * n); }
+  GLM_AVX512 static inline void put(T* row, const __m512* v) {
+    for (int n = 0; n < N; ++n) glm_kernels::vec::store16(row + 16 * n, v[n]);
+  }
+};
+
+// bf16 with N even: vectors 2c and 2c + 1 hold the even and odd values of [32c, 32c + 32), each 64-byte load made
+// fp32 by a shift or a mask (the widening shuffles of load16 bound the loops at ~40 cycles per key and head)
+template <int N>
+struct SplitBf16Row {
+  static constexpr int kVectors = N;
+  GLM_AVX512 static inline __m512 get(const c10::BFloat16* row, int n) {
+    const __m512i w = _mm512_loadu_si512(row + 32 * (n / 2));
+    return n % 2 == 0 ? glm_kernels::vec::even_bf16(w) : glm_kernels::vec::odd_bf16(w);
+  }
+  GLM_AVX512 static inline void put(c10::BFloat16* row, const __m512* v) {
+    for (int c = 0; c < N / 2; ++c) glm_kernels::vec::store32(row + 32 * c, v[2 * c], v[2 * c + 1]);
+  }
+};
+
+// q . key j as 16 partial sums (q in registers, held as `Row` holds it), asking for the key kAheadRows further
+template <typename Row, typename T>
 GLM_AVX512 inline __m512 key_score(const __m512* q, const T* kp, int64_t ks0, int64_t sk, int64_t j) {
   const T* kr = kp + j * ks0;
-  if (j + kAheadRows < sk) prefetch_row(kr + kAheadRows * ks0, 16 * C);
-  __m512 s = _mm512_mul_ps(q[0], load16(kr));
-  for (int c = 1; c < C; ++c) s = _mm512_fmadd_ps(q[c], load16(kr + 16 * c), s);
+  if (j + kAheadRows < sk) prefetch_row(kr + kAheadRows * ks0, 16 * Row::kVectors);
+  __m512 s = _mm512_mul_ps(q[0], Row::get(kr, 0));
+  for (int n = 1; n < Row::kVectors; ++n) s = _mm512_fmadd_ps(q[n], Row::get(kr, n), s);
   return s;
 }
 
-template <typename T, int C>
-GLM_AVX512 void attend_row_avx512(const T* qi, const T* kp, int64_t ks0, const T* vp, int64_t vs0, int64_t sk,
-                                  const bool* mrow, bool any_visible, float scale, float* weights, T* oi) {
-  constexpr int64_t hd = 16 * C;
-  __m512 q[C];
-  for (int c = 0; c < C; ++c) q[c] = load16(qi + 16 * c);
+// One query row of one head: q held in registers, the scores of four keys per step (each an fp32 dot product in
+// q's order, the four summed by one transposed reduction), the softmax weights by a vectorised exp, and the
+// weighted sum of the value rows held in registers. The loops above take a dot product and a horizontal sum per
+// key and add each value row into memory: ~83 us for one bf16 token over 129 keys x 16 heads of 128 on one core,
+// ~32 us here. `weights` holds sk floats.
+template <typename Row, typename T>
+GLM_AVX512 void attend_row(const T* qi, const T* kp, int64_t ks0, const T* vp, int64_t vs0, int64_t sk,
+                           const bool* mrow, bool any_visible, float scale, float* weights, T* oi) {
+  constexpr int N = Row::kVectors;
+  constexpr int64_t hd = 16 * N;
+  __m512 q[N];
+  for (int n = 0; n < N; ++n) q[n] = Row::get(qi, n);
   for (int64_t j = 0; j < std::min(sk, kAheadRows); ++j) prefetch_row(kp + j * ks0, hd);
   int64_t j = 0;
   for (; j + 4 <= sk; j += 4) {
-    const __m512 s0 = key_score<T, C>(q, kp, ks0, sk, j), s1 = key_score<T, C>(q, kp, ks0, sk, j + 1);
-    const __m512 s2 = key_score<T, C>(q, kp, ks0, sk, j + 2), s3 = key_score<T, C>(q, kp, ks0, sk, j + 3);
+    const __m512 s0 = key_score<Row>(q, kp, ks0, sk, j), s1 = key_score<Row>(q, kp, ks0, sk, j + 1);
+    const __m512 s2 = key_score<Row>(q, kp, ks0, sk, j + 2), s3 = key_score<Row>(q, kp, ks0, sk, j + 3);
     _mm_storeu_ps(weights + j, _mm_mul_ps(glm_kernels::vec::reduce4(s0, s1, s2, s3), _mm_set1_ps(scale)));
   }
-  for (; j < sk; ++j) weights[j] = _mm512_reduce_add_ps(key_score<T, C>(q, kp, ks0, sk, j)) * scale;
+  for (; j < sk; ++j) weights[j] = _mm512_reduce_add_ps(key_score<Row>(q, kp, ks0, sk, j)) * scale;
   const float total = softmax_weights(weights, sk, mrow, any_visible);
-  __m512 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  __m512 acc[N];
+  for (int n = 0; n < N; ++n) acc[n] = _mm512_setzero_ps();
   for (j = 0; j < std::min(sk, kAheadRows); ++j) prefetch_row(vp + j * vs0, hd);
   for (j = 0; j < sk; ++j) {
     const T* vr = vp + j * vs0;
     if (j + kAheadRows < sk) prefetch_row(vr + kAheadRows * vs0, hd);
     if (weights[j] == 0.f) continue;  // a masked key (or a weight below fp32's range: it adds nothing)
     const __m512 w = _mm512_set1_ps(weights[j]);
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vr + 16 * c), acc[c]);
+    for (int n = 0; n < N; ++n) acc[n] = _mm512_fmadd_ps(w, Row::get(vr, n), acc[n]);
   }
   const __m512 inv = _mm512_set1_ps(1.f / total);
-  for (int c = 0; c < C; ++c) glm_kernels::vec::store16(oi + 16 * c, _mm512_mul_ps(acc[c], inv));
+  for (int n = 0; n < N; ++n) acc[n] = _mm512_mul_ps(acc[n], inv);
+  Row::put(oi, acc);
 }
 
-// attend_row_avx512 for bf16 with hd = 32 * C: each 64-byte load of a key or value row gives its even and odd
-// elements as two fp32 vectors (a shift and a mask, no widening shuffle: those bound the loop above at ~40 cycles
-// per key and head); q, the scores' partial sums and the output are kept split the same way.
-template <int C>
-GLM_AVX512 inline __m512 key_score_bf16(const __m512* q_even, const __m512* q_odd, const c10::BFloat16* kp,
-                                        int64_t ks0, int64_t sk, int64_t j) {
-  using glm_kernels::vec::even_bf16;
-  using glm_kernels::vec::odd_bf16;
-  const c10::BFloat16* kr = kp + j * ks0;
-  if (j + kAheadRows < sk) prefetch_row(kr + kAheadRows * ks0, 32 * C);
-  __m512i w = _mm512_loadu_si512(kr);
-  __m512 s = _mm512_fmadd_ps(q_odd[0], odd_bf16(w), _mm512_mul_ps(q_even[0], even_bf16(w)));
-  for (int c = 1; c < C; ++c) {
-    w = _mm512_loadu_si512(kr + 32 * c);
-    s = _mm512_fmadd_ps(q_odd[c], odd_bf16(w), _mm512_fmadd_ps(q_even[c], even_bf16(w), s));
-  }
-  return s;
+// attend_row for a head of 16 * N values: bf16 split into even / odd halves when N is even, plain otherwise
+template <typename T, int N>
+auto row_of_width() -> decltype(&attend_row<PlainRow<T, N>, T>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && N % 2 == 0) return &attend_row<SplitBf16Row<N>, T>;
+  else return &attend_row<PlainRow<T, N>, T>;
 }
 
-template <int C>
-GLM_AVX512 void attend_row_bf16(const c10::BFloat16* qi, const c10::BFloat16* kp, int64_t ks0,
-                                const c10::BFloat16* vp, int64_t vs0, int64_t sk, const bool* mrow, bool any_visible,
-                                float scale, float* weights, c10::BFloat16* oi) {
-  using glm_kernels::vec::even_bf16;
-  using glm_kernels::vec::odd_bf16;
-  constexpr int64_t hd = 32 * C;
-  __m512 q_even[C], q_odd[C];
-  for (int c = 0; c < C; ++c) {
-    const __m512i w = _mm512_loadu_si512(qi + 32 * c);
-    q_even[c] = even_bf16(w);
-    q_odd[c] = odd_bf16(w);
-  }
-  for (int64_t j = 0; j < std::min(sk, kAheadRows); ++j) prefetch_row(kp + j * ks0, hd);
-  int64_t j = 0;
-  for (; j + 4 <= sk; j += 4) {
-    const __m512 s0 = key_score_bf16<C>(q_even, q_odd, kp, ks0, sk, j);
-    const __m512 s1 = key_score_bf16<C>(q_even, q_odd, kp, ks0, sk, j + 1);
-    const __m512 s2 = key_score_bf16<C>(q_even, q_odd, kp, ks0, sk, j + 2);
-    const __m512 s3 = key_score_bf16<C>(q_even, q_odd, kp, ks0, sk, j + 3);
-    _mm_storeu_ps(weights + j, _mm_mul_ps(glm_kernels::vec::reduce4(s0, s1, s2, s3), _mm_set1_ps(scale)));
-  }
-  for (; j < sk; ++j) weights[j] = _mm512_reduce_add_ps(key_score_bf16<C>(q_even, q_odd, kp, ks0, sk, j)) * scale;
-  const float total = softmax_weights(weights, sk, mrow, any_visible);
-  __m512 acc_even[C], acc_odd[C];
-  for (int c = 0; c < C; ++c) acc_even[c] = acc_odd[c] = _mm512_setzero_ps();
-  for (j = 0; j < std::min(sk, kAheadRows); ++j) prefetch_row(vp + j * vs0, hd);
-  for (j = 0; j < sk; ++j) {
-    const c10::BFloat16* vr = vp + j * vs0;
-    if (j + kAheadRows < sk) prefetch_row(vr + kAheadRows * vs0, hd);
-    if (weights[j] == 0.f) continue;  // a masked key (or a weight below fp32's range: it adds nothing)
-    const __m512 w = _mm512_set1_ps(weights[j]);
-    for (int c = 0; c < C; ++c) {
-      const __m512i v = _mm512_loadu_si512(vr + 32 * c);
-      acc_even[c] = _mm512_fmadd_ps(w, even_bf16(v), acc_even[c]);
-      acc_odd[c] = _mm512_fmadd_ps(w, odd_bf16(v), acc_odd[c]);
-    }
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / total);
-  for (int c = 0; c < C; ++c)
-    glm_kernels::vec::store32(oi + 32 * c, _mm512_mul_ps(acc_even[c], inv), _mm512_mul_ps(acc_odd[c], inv));
-}
-
-// attend_row_avx512 for a head width hd = 16 * C, C in 1..16 (ChatGLM-6B: 128), or attend_row_bf16 for bf16 with
-// hd = 32 * C; nullptr for another width
+// attend_row for a head width hd = 16 * N, N in 1..16 (ChatGLM-6B: 128); nullptr for another width
 template <typename T>
-auto row_loop(int64_t hd) -> decltype(&attend_row_avx512<T, 1>) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    switch (hd % 32 == 0 ? hd / 32 : 0) {
-      case 1: return &attend_row_bf16<1>;
-      case 2: return &attend_row_bf16<2>;
-      case 3: return &attend_row_bf16<3>;
-      case 4: return &attend_row_bf16<4>;
-      case 5: return &attend_row_bf16<5>;
-      case 6: return &attend_row_bf16<6>;
-      case 7: return &attend_row_bf16<7>;
-      case 8: return &attend_row_bf16<8>;
-      default: break;
-    }
-  }
-  if (hd % 16 != 0) return nullptr;
-  switch (hd / 16) {
-#define GLM_ROW_CASE(c) \
-  case c: return &attend_row_avx512<T, c>;
+auto row_loop(int64_t hd) -> decltype(&attend_row<PlainRow<T, 1>, T>) {
+  switch (hd % 16 == 0 ? hd / 16 : 0) {
+#define GLM_ROW_CASE(n) \
+  case n: return row_of_width<T, n>();
     GLM_ROW_CASE(1) GLM_ROW_CASE(2) GLM_ROW_CASE(3) GLM_ROW_CASE(4) GLM_ROW_CASE(5) GLM_ROW_CASE(6) GLM_ROW_CASE(7)
     GLM_ROW_CASE(8) GLM_ROW_CASE(9) GLM_ROW_CASE(10) GLM_ROW_CASE(11) GLM_ROW_CASE(12) GLM_ROW_CASE(13)
     GLM_ROW_CASE(14) GLM_ROW_CASE(15) GLM_ROW_CASE(16)
