@@ -825,9 +825,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
 
         Taken for the steps `generate()` makes after the prompt: input ids and positions on the CPU, a
         `GLMKVCache` past its first step with the mask that step set, no mask given, nothing asked beyond the
-        logits of every new position, and a model whose calls do nothing but their forwards (no hooks). The
-        checks and errors are the model's own (the same calls, in the same order); the logits are bitwise those
-        of the full forward (tests/test_step_infer.py).
+        logits of every new position, the model and cache on the CPU, and a model whose calls do nothing but their
+        forwards (no hooks). The checks and errors are the forward's own calls; the logits are bitwise those of the
+        full forward (tests/test_step_infer.py). `ops.step_infer` declines (None) tables off the CPU or a
+        weight that needs a gradient, before anything is written.
         """
         cfg, model = self.config, self.transformer
         cache = past_key_values
@@ -838,13 +839,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
                 not isinstance(logits_to_keep, int) or input_ids.device.type != "cpu" or \
                 position_ids.device != input_ids.device or (model.gradient_checkpointing and model.training):
             return None
-        if global_forward_hooks() or any(hooked(m) for m in (model, model.word_embeddings, self.lm_head)) or \
-                not model._blocks_unhooked():
+        # _blocks_unhooked also looks for global hooks
+        if any(hooked(m) for m in (model, model.word_embeddings, self.lm_head)) or not model._blocks_unhooked():
             return None
         embedding, head = embedding_parts(model.word_embeddings), linear_parts(self.lm_head)
-        if embedding is None or head is None or embedding[0].device.type != "cpu" or \
-                head[0].device.type != "cpu" or any(layer.keys.device.type != "cpu" for layer in cache.layers):
-            return None  # CPU ids for a model or cache elsewhere: the forward moves them (or names the device)
+        if embedding is None or head is None or any(layer.keys.device.type != "cpu" for layer in cache.layers):
+            return None  # a cache elsewhere: the forward moves CPU ids to the model (or names the device)
         check = check_inputs is not False
         model._check_inputs(input_ids, None, cache, check)
         batch, seq = input_ids.shape

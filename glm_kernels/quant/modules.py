@@ -385,8 +385,7 @@ def linear_parts(module: nn.Module):
 def embedding_parts(module: nn.Module):
     """`(table, scale, bits, dtype)` as `ops.step_infer` takes an embedding: an `nn.Embedding` as (weight, None, 0,
     its dtype), a `QuantizedEmbedding` holding THUDM's bytes as (int8 weight, fp16 scale, bits, the model dtype);
-    None for another form or an `nn.Embedding` whose lookup is not a plain gather (max_norm, padding gradients do
-    not matter without a gradient, max_norm renormalises the table)."""
+    None for another form, or an `nn.Embedding` with `max_norm` (its lookup renormalises the table in place)."""
     params = module._parameters
     if isinstance(module, QuantizedEmbedding):
         weight = params["weight"]
