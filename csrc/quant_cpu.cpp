@@ -13,7 +13,8 @@
 // once; linear adds the bias in fp32 and rounds every output once, to the activation dtype. It is written for
 // the few rows of decoding (each weight row is decoded once and used for every row of x); the caller
 // (glm_kernels/ops/quant_linear.py) sends larger M to dequantize_into + matmul. Work is split over output
-// rows with at::parallel_for (the extension is built with -fopenmp, as ATen is). Four builds of the inner
+// rows with at::parallel_for (the extension is built with -fopenmp, as ATen is); one row of x (decoding) and the
+// floor read share their weight's chunks instead (parallel_chunks, csrc/chunks_cpu.h). Four builds of the inner
 // loops, chosen at run time with __builtin_cpu_supports: AVX512-BF16 (bf16 x only), AVX512F, AVX2+FMA and
 // portable C++.
 //
@@ -28,9 +29,12 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
+#include "chunks_cpu.h"
 #include "cpu_ops.h"
 #include "isa.h"
 #include "vec_cpu.h"
@@ -40,8 +44,13 @@ namespace {
 using glm_kernels::Isa;
 using glm_kernels::isa;
 using glm_kernels::isa_label;
+using glm_kernels::parallel_chunks;
 
 constexpr int64_t kMaxRows = 8;  // rows of x handled together (a register block per row)
+// bytes per chunk of a weight (or of a floor read) that the threads share through parallel_chunks, and the most
+// rows one chunk of a product holds (narrow weights)
+constexpr int64_t kChunkBytes = 32768;
+constexpr int64_t kChunkRows = 256;
 
 // ----------------------------------------------------------------------------- portable
 
@@ -644,14 +653,17 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
   const int8_t* wp = weight.data_ptr<int8_t>();
   const int64_t ldw = weight.size(1);
   auto finish = [&](auto* op, int64_t m0, int64_t mb, int64_t begin, int64_t end, const float* sums) {
-    std::vector<float> s(end - begin), b(bias ? end - begin : 0);
-    scale.read(begin, end, s.data());
-    if (bias) bias->read(begin, end, b.data());
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t m = 0; m < mb; ++m) {
-        const float v = sums[(r - begin) * mb + m] * s[r - begin];
-        store(op + (m0 + m) * n + r, bias ? v + b[r - begin] : v);
-      }
+    float s[kChunkRows], b[kChunkRows];  // blocks of rows: no allocation per call (one per chunk of a product)
+    for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
+      const int64_t r1 = std::min(end, r0 + kChunkRows);
+      scale.read(r0, r1, s);
+      if (bias) bias->read(r0, r1, b);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t m = 0; m < mb; ++m) {
+          const float v = sums[(r - begin) * mb + m] * s[r - r0];
+          store(op + (m0 + m) * n + r, bias ? v + b[r - r0] : v);
+        }
+    }
   };
   auto write = [&](int64_t m0, int64_t mb, int64_t begin, int64_t end, const float* sums) {
     switch (out.scalar_type()) {
@@ -671,16 +683,19 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
       pass_streams(xr, bits, steps, streams.data());
       const int64_t passes = (n + kPass - 1) / kPass;
       const int64_t ahead_lines = AheadLines::total(ahead);
-      at::parallel_for(0, passes, 4, [&](int64_t p0, int64_t p1) {
+      // chunks of ~kChunkBytes of weight, each thread its share first, then the slower thread's last chunks
+      const int64_t per_chunk = std::clamp<int64_t>(kChunkBytes / (kPass * ldw), 1, kChunkRows / kPass);
+      parallel_chunks((passes + per_chunk - 1) / per_chunk, [&](int64_t c) {
+        const int64_t p0 = c * per_chunk, p1 = std::min(passes, p0 + per_chunk);
         const int64_t begin = p0 * kPass, end = std::min(n, p1 * kPass);
-        std::vector<float> sums(end - begin);
-        // each thread prefetches the read-ahead lines in proportion to its passes, spread over the calls
+        float sums[kChunkRows];
+        // each chunk prefetches the read-ahead lines in proportion to its passes, spread over the calls
         // rows_pass_bf16 makes: one per pass of kPass rows and one per row left over
         const int64_t calls = (end - begin) / kPass + (end - begin) % kPass;
         AheadLines lines(ahead, ahead_lines * p0 / passes, ahead_lines * p1 / passes, calls);
-        if (bits == 8) rows_pass_bf16<8>(streams.data(), xr, wp, ldw, begin, end, sums.data(), lines);
-        else rows_pass_bf16<4>(streams.data(), xr, wp, ldw, begin, end, sums.data(), lines);
-        write(m0, 1, begin, end, sums.data());
+        if (bits == 8) rows_pass_bf16<8>(streams.data(), xr, wp, ldw, begin, end, sums, lines);
+        else rows_pass_bf16<4>(streams.data(), xr, wp, ldw, begin, end, sums, lines);
+        write(m0, 1, begin, end, sums);
       });
       continue;
     }
@@ -784,7 +799,10 @@ int64_t stream_read(const std::vector<torch::Tensor>& tensors) {
     const int64_t bytes = t.numel() * t.element_size();
     const int64_t lines = bytes / 64;
     std::vector<int64_t> parts(at::get_num_threads(), 0);
-    at::parallel_for(0, lines, 4096, [&](int64_t begin, int64_t end) {  // 256 KiB at least per thread
+    // as the products split their weights (parallel_chunks), so the floor is not slowed by the slower core
+    const int64_t chunk = kChunkBytes / 64;
+    parallel_chunks(lines < 4096 ? 1 : (lines + chunk - 1) / chunk, [&](int64_t c) {  // 256 KiB at least to split
+      const int64_t begin = lines < 4096 ? 0 : c * chunk, end = lines < 4096 ? lines : std::min(lines, begin + chunk);
       int64_t s = 0;
 #ifdef GLM_X86
       if (isa() >= Isa::kAvx512) {
@@ -901,6 +919,27 @@ TORCH_LIBRARY(glm_kernels, m) {
   m.def("stream_read(Tensor[] tensors) -> int", &stream_read);
 }
 
+// parallel_chunks seen from outside, for the tests: per chunk the number of times it ran and the thread that ran it
+// last, [chunks, 2] int64, with thread 0 spinning `slow_us` microseconds in each of its chunks so that the others
+// take the end of its share
+torch::Tensor chunk_runs(int64_t chunks, double slow_us) {
+  auto out = torch::zeros({chunks, 2}, torch::kLong);
+  auto* runs = out.data_ptr<int64_t>();
+  std::vector<std::atomic<int64_t>> counts(chunks);
+  parallel_chunks(chunks, [&](int64_t c) {
+    const int thread = at::get_thread_num();
+    if (thread == 0 && slow_us > 0) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double, std::micro>(slow_us);
+      while (std::chrono::steady_clock::now() < until) {
+      }
+    }
+    counts[c].fetch_add(1);
+    runs[2 * c + 1] = thread;
+  });
+  for (int64_t c = 0; c < chunks; ++c) runs[2 * c] = counts[c].load();
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "glm_kernels CPU extension: weight-only INT8/INT4 products on THUDM's layout (operators in "
             "torch.ops.glm_kernels)";
@@ -909,5 +948,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the best instruction set this CPU supports");
   m.def("set_isa", &set_isa, "use another build of the loops (scalar, avx2, avx512f, avx512bf16); returns the previous",
         py::arg("name"));
-  m.attr("VERSION") = 11;
+  m.def("chunk_runs", &chunk_runs, "how parallel_chunks ran `chunks` chunks (tests)", py::arg("chunks"),
+        py::arg("slow_us") = 0.0);
+  m.attr("VERSION") = 12;
 }

@@ -272,3 +272,68 @@ def test_stream_read_sums_every_word():
         expected += int(words) + sum(raw[whole:])  # the tail past the last 64-byte line, byte by byte
     expected = (expected + 2**63) % 2**64 - 2**63  # int64 wrap-around, as the C++ sum
     assert cpu_ext.extension().stream_read(tensors) == expected
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 17, 1000])
+def test_parallel_chunks_runs_every_chunk_once(chunks, two_threads):
+    """The products' and the floor's split (csrc/chunks_cpu.h): every chunk runs exactly once."""
+    assert BUILT, EXTENSION_MISSING
+    runs = cpu_ext.module().chunk_runs(chunks)
+    assert runs[:, 0].tolist() == [1] * chunks
+
+
+def test_parallel_chunks_moves_the_slow_threads_last_chunks(two_threads):
+    """With thread 0 slowed down (1 ms a chunk), thread 1 runs its own half and then the end of thread 0's
+    half, from the far end: what thread 0 ran (if anything: the other thread may be faster to start) is a prefix
+    of its share, each chunk once."""
+    assert BUILT, EXTENSION_MISSING
+    runs = cpu_ext.module().chunk_runs(64, slow_us=1000.0)
+    assert runs[:, 0].tolist() == [1] * 64
+    threads = runs[:, 1].tolist()
+    assert threads[32:] == [1] * 32  # thread 1's own share
+    taken = threads[:32].count(1)
+    assert taken > 0  # thread 0 needs 32 ms for its share: thread 1 took part of it
+    assert threads[:32] == [0] * (32 - taken) + [1] * taken  # from the far end
+
+
+def test_parallel_chunks_on_one_thread_runs_everything_in_order():
+    assert BUILT, EXTENSION_MISSING
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = cpu_ext.module().chunk_runs(10, slow_us=10.0)
+    finally:
+        torch.set_num_threads(previous)
+    assert runs.tolist() == [[1, 0]] * 10
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("out_features, in_features", [(4101, 256), (1030, 2048), (70, 8192)])
+def test_one_row_products_do_not_depend_on_the_split(bits, out_features, in_features):
+    """A decode product shares its weight's chunks between the threads (whoever is faster takes more): each output
+    is one row's sum, so the result is bitwise the same on one thread and on two, and follows the bf16 rule."""
+    assert BUILT, EXTENSION_MISSING
+    q, scale, bias = make(bits, out_features, in_features, seed=3)
+    x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    ext = cpu_ext.extension()
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(ext.linear(x, q, scale, bits, bias))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0], results[1])
+    w = oracle_weight(q, scale, bits)
+    ref = x.double() @ w.T + bias.double()
+    ref_low = (x @ w.to(torch.bfloat16).T + bias.to(torch.bfloat16)).double()
+    assert_lowp_close(results[1].double(), ref_low, ref, "one-row product")  # GLM_SPEC low-precision rule
