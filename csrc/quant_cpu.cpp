@@ -799,10 +799,11 @@ int64_t stream_read(const std::vector<torch::Tensor>& tensors) {
     const int64_t bytes = t.numel() * t.element_size();
     const int64_t lines = bytes / 64;
     std::vector<int64_t> parts(at::get_num_threads(), 0);
-    // as the products split their weights (parallel_chunks), so the floor is not slowed by the slower core
-    const int64_t chunk = kChunkBytes / 64;
-    parallel_chunks(lines < 4096 ? 1 : (lines + chunk - 1) / chunk, [&](int64_t c) {  // 256 KiB at least to split
-      const int64_t begin = lines < 4096 ? 0 : c * chunk, end = lines < 4096 ? lines : std::min(lines, begin + chunk);
+    // as the products split their weights (parallel_chunks), so the floor is not slowed by the slower core;
+    // under 256 KiB one chunk
+    const int64_t chunk = std::max<int64_t>(1, lines < 4096 ? lines : kChunkBytes / 64);
+    parallel_chunks((lines + chunk - 1) / chunk, [&](int64_t c) {
+      const int64_t begin = c * chunk, end = std::min(lines, begin + chunk);
       int64_t s = 0;
 #ifdef GLM_X86
       if (isa() >= Isa::kAvx512) {

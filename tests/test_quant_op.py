@@ -1,6 +1,7 @@
 """ops.quant_linear ("torch" backend): every CPU path (with and without the C++ extension) against an ordinary
 matmul with the dequantized weights (GLM_SPEC: the reference for weight-only INT8/INT4), gradients, errors, the
 registry."""
+import contextlib
 import importlib
 
 import numpy as np
@@ -274,12 +275,20 @@ def test_stream_read_sums_every_word():
     assert cpu_ext.extension().stream_read(tensors) == expected
 
 
+@contextlib.contextmanager
+def num_threads(n):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+    with num_threads(2):
+        yield
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 3, 17, 1000])
@@ -306,12 +315,8 @@ def test_parallel_chunks_moves_the_slow_threads_last_chunks(two_threads):
 
 def test_parallel_chunks_on_one_thread_runs_everything_in_order():
     assert BUILT, EXTENSION_MISSING
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         runs = cpu_ext.module().chunk_runs(10, slow_us=10.0)
-    finally:
-        torch.set_num_threads(previous)
     assert runs.tolist() == [[1, 0]] * 10
 
 
@@ -324,14 +329,10 @@ def test_one_row_products_do_not_depend_on_the_split(bits, out_features, in_feat
     q, scale, bias = make(bits, out_features, in_features, seed=3)
     x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     ext = cpu_ext.extension()
-    previous = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    results = []
+    for threads in (1, 2):
+        with num_threads(threads):
             results.append(ext.linear(x, q, scale, bits, bias))
-    finally:
-        torch.set_num_threads(previous)
     assert torch.equal(results[0], results[1])
     w = oracle_weight(q, scale, bits)
     ref = x.double() @ w.T + bias.double()
