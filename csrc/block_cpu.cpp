@@ -9,8 +9,11 @@
 //                keys, values (each layer's [capacity, b, nh, hd] cache buffers), start, mask or None)
 //     -> the last block's (m, mlp): every block in one call
 //   step_infer(ids [b, s], embedding table (+ scale, bits, the dtype of its rows), layers_infer's arguments but
-//              hidden, the final LayerNorm's weight, bias and eps, the LM head (+ scale, bits))
-//     -> logits [b, s, vocab]: the whole forward of ChatGLMForConditionalGeneration in one call
+//              hidden, the final LayerNorm's weight, bias and eps, the LM head (+ scale, bits), the limits of the
+//              ids and positions (0: unchecked))
+//     -> logits [b, s, vocab]: the whole forward of ChatGLMForConditionalGeneration in one call; it raises
+//        NotImplementedError (declines) before writing anything when a tensor it reads is off the CPU, of another
+//        dtype, or needs a gradient, and the forward's ValueError for an id or position out of range
 //
 // Per linear: a float weight [out, in] with scale None and bits 0 (nn.Linear), or THUDM's int8 bytes with their
 // fp16 row scale and bits 8 or 4 (QuantizedLinear); biases may be None. k_out / v_out are the cache views for the
@@ -24,7 +27,9 @@
 // 17 ms INT4 token of the benchmark model.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cpu_ops.h"
@@ -171,6 +176,63 @@ torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& table, const 
   return out.to(dtype).reshape({ids.size(0), ids.size(1), -1});
 }
 
+// Why a step must not run on these tensors (empty: it may): every tensor it reads on the CPU, the float ones in the
+// model's dtype (the embeddings'), THUDM's bytes int8, and none needing a gradient while gradients are on. A step
+// checks this first, since the model keeps its arguments from step to step (glm_kernels/step_plan.py): a module
+// moved or cast since then is seen here, before anything is written.
+std::string unfit(at::ScalarType dtype, const torch::Tensor& embedding, const c10::optional<torch::Tensor>& embedding_scale,
+                  int64_t embedding_bits, const std::vector<torch::Tensor>& norms,
+                  const std::vector<torch::Tensor>& weights, const c10::List<c10::optional<torch::Tensor>>& scales,
+                  const c10::List<c10::optional<torch::Tensor>>& biases, const std::vector<int64_t>& bits,
+                  const torch::Tensor& cos, const torch::Tensor& sin, const std::vector<torch::Tensor>& keys,
+                  const std::vector<torch::Tensor>& values, const torch::Tensor& final_weight,
+                  const torch::Tensor& final_bias, const torch::Tensor& head,
+                  const c10::optional<torch::Tensor>& head_scale, int64_t head_bits) {
+  const bool grad = at::GradMode::is_enabled();
+  std::string why;
+  auto look = [&](const torch::Tensor& t, bool packed, const char* what, size_t i) {
+    if (!why.empty()) return;
+    if (!t.device().is_cpu()) why = " is not on the CPU";
+    else if (packed ? t.scalar_type() != torch::kChar : t.scalar_type() != dtype) why = " has another dtype";
+    else if (grad && t.requires_grad()) why = " needs a gradient";
+    if (!why.empty()) why = std::string(what) + " " + std::to_string(i) + why;
+  };
+  auto scale_of = [&](const c10::optional<torch::Tensor>& t, const char* what, size_t i) {
+    if (why.empty() && t.has_value() && (!t->device().is_cpu() || !t->is_floating_point() ||
+                                         (grad && t->requires_grad())))
+      why = std::string(what) + " " + std::to_string(i) + " is not a CPU float scale without a gradient";
+  };
+  look(embedding, embedding_bits != 0, "embedding", 0);
+  scale_of(embedding_scale, "embedding scale", 0);
+  for (size_t i = 0; i < norms.size(); ++i) look(norms[i], false, "norm", i);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    look(weights[i], bits[i] != 0, "weight", i);
+    scale_of(scales.get(i), "scale", i);
+    if (biases.get(i).has_value()) look(*biases.get(i), false, "bias", i);
+  }
+  look(cos, false, "rotary table", 0);
+  look(sin, false, "rotary table", 1);
+  for (size_t i = 0; i < keys.size(); ++i) look(keys[i], false, "cached keys", i);
+  for (size_t i = 0; i < values.size(); ++i) look(values[i], false, "cached values", i);
+  look(final_weight, false, "final norm", 0);
+  look(final_bias, false, "final norm", 1);
+  look(head, head_bits != 0, "head", 0);
+  scale_of(head_scale, "head scale", 0);
+  return why;
+}
+
+// ValueError unless every value of `t` lies in [0, limit) (limit 0: unchecked), named as the model's forward does
+void check_range(const torch::Tensor& t, int64_t limit, bool ids) {
+  if (limit <= 0 || t.numel() == 0) return;
+  const auto flat = t.reshape({-1}).to(torch::kLong).contiguous();
+  const int64_t* v = flat.data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(v, v + flat.numel());
+  if (*lo >= 0 && *hi < limit) return;
+  const int64_t bad = *lo < 0 ? *lo : *hi;
+  if (ids) TORCH_CHECK_VALUE(false, "input_ids holds id ", bad, ", outside the vocabulary [0, ", limit, ")");
+  TORCH_CHECK_VALUE(false, "position_ids holds ", bad, ", outside [0, max_sequence_length=", limit, ")");
+}
+
 // A whole CPU decoding forward of ChatGLMForConditionalGeneration in one call: the embeddings of `ids` [b, s],
 // every block (layers_infer), the final LayerNorm of the last block's joined output and the LM head, giving the
 // logits [b, s, vocab] (the head's output [s, b, vocab] made batch-first and contiguous, as the model returns it).
@@ -186,9 +248,18 @@ torch::Tensor step_infer(
     const torch::Tensor& sin, int64_t num_heads,
     const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values, int64_t start,
     const c10::optional<torch::Tensor>& mask, const torch::Tensor& final_weight, const torch::Tensor& final_bias,
-    double final_eps, const torch::Tensor& head, const c10::optional<torch::Tensor>& head_scale, int64_t head_bits) {
+    double final_eps, const torch::Tensor& head, const c10::optional<torch::Tensor>& head_scale, int64_t head_bits,
+    int64_t id_limit, int64_t position_limit) {
   TORCH_CHECK(head_bits == 0 || ((head_bits == 4 || head_bits == 8) && head_scale.has_value()),
               "the head is a float weight (bits 0) or THUDM's bytes with a scale (bits 4 or 8)");
+  TORCH_CHECK(weights.size() == bits.size() && scales.size() == bits.size() && biases.size() == bits.size(),
+              "weights, scales, biases and bits must have one entry per linear");
+  TORCH_CHECK(ids.device().is_cpu() && position_ids.device().is_cpu(), "ids and position_ids must be on the CPU");
+  const auto why = unfit(embedding_dtype, embedding, embedding_scale, embedding_bits, norms, weights, scales, biases,
+                         bits, cos, sin, keys, values, final_weight, final_bias, head, head_scale, head_bits);
+  TORCH_CHECK_NOT_IMPLEMENTED(why.empty(), "step_infer declines: ", why);
+  check_range(ids, id_limit, true);
+  check_range(position_ids, position_limit, false);
   const auto embeds = embed(ids, embedding, embedding_scale, embedding_bits, embedding_dtype);
   const auto [h, residual] = layers_infer(embeds.transpose(0, 1), alpha, eps, norms, weights, scales, biases, bits,
                                           position_ids, cos, sin, num_heads, keys, values, start, mask);
@@ -211,7 +282,7 @@ TORCH_LIBRARY_FRAGMENT(glm_kernels, m) {
         "ScalarType embedding_dtype, float alpha, float eps, Tensor[] norms, Tensor[] weights, Tensor?[] scales, "
         "Tensor?[] biases, int[] bits, Tensor position_ids, Tensor cos, Tensor sin, int num_heads, "
         "Tensor(a!)[] keys, Tensor(b!)[] values, int start, Tensor? mask, "
-        "Tensor final_weight, Tensor final_bias, float final_eps, Tensor head, Tensor? head_scale, int head_bits) "
-        "-> Tensor",
+        "Tensor final_weight, Tensor final_bias, float final_eps, Tensor head, Tensor? head_scale, int head_bits, "
+        "int id_limit=0, int position_limit=0) -> Tensor",
         &step_infer);
 }

@@ -951,5 +951,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("name"));
   m.def("chunk_runs", &chunk_runs, "how parallel_chunks ran `chunks` chunks (tests)", py::arg("chunks"),
         py::arg("slow_us") = 0.0);
-  m.attr("VERSION") = 12;
+  m.attr("VERSION") = 13;
 }

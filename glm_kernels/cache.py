@@ -134,6 +134,8 @@ class GLMKVCache(Cache):
         self._masks: dict[torch.device, GLMMask] = {}  # self.mask on each layer device
         self._checked = None  # (batch, dtype, layer devices) the cache was last checked against
         self._views: dict[tuple, tuple] = {}  # (layer, modes) -> (keys, values, their seq_view)
+        # the one-call decoding step's arguments over these buffers (glm_kernels/step_plan.py), set by the model
+        self.step_plan = None
         super().__init__(layers=[GLMCacheLayer(k, v, self) for k, v in zip(keys, values)])
 
     @classmethod
@@ -201,6 +203,7 @@ class GLMKVCache(Cache):
     def _rows_changed(self, select) -> None:
         self._checked = None
         self._views = {}  # the views of the replaced buffers would keep them alive
+        self.step_plan = None  # and so would the plan's
         if self.mask is not None:
             m = self.mask
             self.set_mask(GLMMask(m.prefix_len, select(m.pad), select(m.context), m.causal), self.padded)

@@ -30,7 +30,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "GLM_KERNELS_CPU_EXTENSION"
-VERSION = 12  # csrc/quant_cpu.cpp's VERSION: a stale build (other sources) is not used
+VERSION = 13  # csrc/quant_cpu.cpp's VERSION: a stale build (other sources) is not used
 
 
 @functools.lru_cache(maxsize=1)

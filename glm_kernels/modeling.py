@@ -26,6 +26,7 @@ from .generation import ChatGLMGenerationMixin
 from .ops.mask import GLMMask
 from .ops.rotary import inv_freq
 from .placement import execution_device
+from .step_plan import StepPlan
 from .quant.layout import check_bits
 from .quant.modules import (BLOCK_LINEARS, QuantizedEmbedding, QuantizedLinear, embedding_parts, is_quantized, linear,
                             linear_parts, quantized_modules)
@@ -826,44 +827,62 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         Taken for the steps `generate()` makes after the prompt: input ids and positions on the CPU, a
         `GLMKVCache` past its first step with the mask that step set, no mask given, nothing asked beyond the
         logits of every new position, the model and cache on the CPU, and a model whose calls do nothing but their
-        forwards (no hooks). The checks and errors are the forward's own calls; the logits are bitwise those of the
-        full forward (tests/test_step_infer.py). `ops.step_infer` declines (None) tables off the CPU or a
-        weight that needs a gradient, before anything is written.
+        forwards (no hooks). The checks and errors are the forward's; the logits are bitwise those of the full
+        forward (tests/test_step_infer.py). The step's unchanging arguments are gathered once per cache
+        (`StepPlan`, kept on the cache) and used while they hold; `ops.step_infer` declines (None) a tensor that
+        moved off the CPU or to another dtype, or a weight that needs a gradient, before anything is written.
         """
-        cfg, model = self.config, self.transformer
+        cfg = self.config
         cache = past_key_values
         if not isinstance(cache, GLMKVCache) or input_ids is None or inputs_embeds is not None or \
                 attention_mask is not None or position_ids is None or cache.mask is None or \
                 (output_attentions if output_attentions is not None else cfg.output_attentions) or \
                 (output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states) or \
                 not isinstance(logits_to_keep, int) or input_ids.device.type != "cpu" or \
-                position_ids.device != input_ids.device or (model.gradient_checkpointing and model.training):
+                position_ids.device != input_ids.device:
             return None
+        plan = cache.step_plan
+        if plan is None or not plan.holds(self):
+            plan = cache.step_plan = self._plan_step(cache)
+            if plan is None:
+                return None
+        model = self.transformer
+        if model.gradient_checkpointing and model.training:
+            return None
+        check = check_inputs is not False
+        model._check_inputs(input_ids, None, cache, check=False)  # the ranges of the ids: in ops.step_infer
+        batch, seq = input_ids.shape
+        past_length = cache.get_seq_length()
+        if past_length == 0 or (0 < logits_to_keep < seq):
+            return None  # the first step sets the cache's mask and prefix; part of the logits is another product
+        device = input_ids.device
+        cache.check_compatible(batch, plan.args.dtype, (device,) * plan.args.num_layers)
+        cache.check_capacity(seq)
+        model._check_positions(position_ids, batch, seq, past_length, check=False)  # their range: as the ids'
+        mask = None if seq == 1 and not cache.padded else cache.mask_on(device)
+        logits = ops.step_infer(plan.args, input_ids, position_ids, cache.filled, mask,
+                                (cfg.vocab_size, cfg.max_sequence_length) if check else None)
+        if logits is None:
+            cache.step_plan = None
+            return None
+        cache.advance(seq)
+        return logits, cache if (use_cache if use_cache is not None else cfg.use_cache) else None
+
+    def _plan_step(self, cache):
+        """A `StepPlan` of this model over `cache`, or None when its steps do not take the one-call step (a hooked
+        module, a weight in another form or off the CPU, a cache elsewhere)."""
+        model = self.transformer
         # _blocks_unhooked also looks for global hooks
         if any(hooked(m) for m in (model, model.word_embeddings, self.lm_head)) or not model._blocks_unhooked():
             return None
         embedding, head = embedding_parts(model.word_embeddings), linear_parts(self.lm_head)
         if embedding is None or head is None or any(layer.keys.device.type != "cpu" for layer in cache.layers):
             return None  # a cache elsewhere: the forward moves CPU ids to the model (or names the device)
-        check = check_inputs is not False
-        model._check_inputs(input_ids, None, cache, check)
-        batch, seq = input_ids.shape
-        past_length = cache.get_seq_length()
-        if past_length == 0 or (0 < logits_to_keep < seq):
-            return None  # the first step sets the cache's mask and prefix; part of the logits is another product
-        dtype, device = embedding[3], input_ids.device
-        cache.check_compatible(batch, dtype, (device,) * model.num_layers)
-        cache.check_capacity(seq)
-        model._check_positions(position_ids, batch, seq, past_length, check)
-        mask = None if seq == 1 and not cache.padded else cache.mask_on(device)
-        ln = model.final_layernorm
-        logits = ops.step_infer(input_ids, embedding, [layer.infer_parts() for layer in model.layers], ALPHA,
-                                position_ids, model.rotary_table(dtype, device), cfg.num_attention_heads, cache, mask,
-                                (ln.weight, ln.bias, ln.eps), head, ops.kernel_plan(cfg.kernel_backend, device))
-        if logits is None:
-            return None
-        cache.advance(seq)
-        return logits, cache if (use_cache if use_cache is not None else cfg.use_cache) else None
+        dtype, device, ln = embedding[3], torch.device("cpu"), model.final_layernorm
+        args = ops.step_args(embedding, [layer.infer_parts() for layer in model.layers], ALPHA,
+                             model.rotary_table(dtype, device), self.config.num_attention_heads, cache,
+                             (ln.weight, ln.bias, ln.eps), head, ops.kernel_plan(self.config.kernel_backend, device))
+        return None if args is None else StepPlan(self, cache, args)
 
     def _fused_loss(self, hidden_states, labels, num_items_in_batch=None):
         """Shifted LM loss from the sequence-first `[s, b, h]` hidden states, through the fused head + CE.

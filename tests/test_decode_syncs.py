@@ -120,15 +120,21 @@ def manual_decode(model, ids, steps, mask=None, **step_kwargs):
 
 
 @pytest.mark.parametrize("prefix", [None, 3], ids=["no-prefix", "prefix"])
-def test_manual_decode_loop_checks_unless_told_not_to(prefix):
+def test_manual_decode_loop_checks_unless_told_not_to(prefix, monkeypatch):
+    import glm_kernels.ops.block as block_mod
+
     model = make_model(tie_word_embeddings=False, pre_seq_len=prefix)
     ids = torch.tensor([[5, 17, 42, GMASK, BOS]])
+    # the forward's checks, as a GPU decode runs them (the CPU's one-call step checks the same in C++, below)
+    monkeypatch.setattr(block_mod, "WHOLE_STEP", False)
     checked, ref = manual_decode(model, ids, 4)
     # by default every step checks its ids and positions: min and max of each, read on the host
     assert checked == [{"_local_scalar_dense": 4}] * 4
     unchecked, out = manual_decode(model, ids, 4, check_inputs=False)
     assert unchecked == [{}] * 4
     assert torch.equal(out, ref)
+    monkeypatch.setattr(block_mod, "WHOLE_STEP", True)
+    assert torch.equal(manual_decode(model, ids, 4)[1], ref)
     with torch.no_grad():
         cache = GLMKVCache(model.config, 1, 8)
         model(ids, past_key_values=cache)
@@ -180,8 +186,8 @@ def test_mask_scalars_are_built_once_per_generate(monkeypatch, one_call):
         monkeypatch.setattr(ops, "layers_infer", lambda hidden, blocks, *a: masks.extend(
             [(hidden.shape[0], a[5])] * len(blocks)) or whole(hidden, blocks, *a))
         if one_call == "step":  # the steps after the prompt (which runs layers_infer)
-            monkeypatch.setattr(ops, "step_infer", lambda ids, embedding, blocks, *a: masks.extend(
-                [(ids.shape[1], a[5])] * len(blocks)) or step(ids, embedding, blocks, *a))
+            monkeypatch.setattr(ops, "step_infer", lambda args, ids, pos, start, mask, *a: masks.extend(
+                [(ids.shape[1], mask)] * args.num_layers) or step(args, ids, pos, start, mask, *a))
     elif one_call == "blocks":
         block = ops.block_infer
         monkeypatch.setattr(ops, "block_infer", lambda hidden, *a: masks.append((hidden.shape[0], a[9])) or

@@ -226,3 +226,140 @@ def test_cache_views_follow_grad_and_inference_modes(monkeypatch):
     out.logits.float().sum().backward()
     assert model.transformer.final_layernorm.weight.grad is not None
     assert steps.taken == [True, False] and cache.filled == width + 2
+
+
+# ---------------------------------------------------------------------------------------------- the kept arguments
+
+
+def test_arguments_are_gathered_once_per_cache(monkeypatch):
+    model, steps = model_for(torch.bfloat16, 4), Steps(monkeypatch)
+    plans = []
+    build = ChatGLMForConditionalGeneration._plan_step
+    monkeypatch.setattr(ChatGLMForConditionalGeneration, "_plan_step",
+                        lambda self, cache: plans.append(build(self, cache)) or plans[-1])
+    _, cache = run_steps(model, PROMPTS[:1], steps, off=False, n=4)
+    assert steps.taken == [True] * 4 and len(plans) == 1 and cache.step_plan is plans[0]
+    # the plan holds the model's own parameters and the cache's own buffers, not copies
+    args = plans[0].args
+    assert args.before[7][0] is model.transformer.layers[0].attention.query_key_value.weight
+    assert args.between[3][0].data_ptr() == cache.layers[0].keys.data_ptr()
+    run_steps(model, PROMPTS[:1], steps, off=False, n=2)  # another cache: gathered for it
+    assert len(plans) == 2
+
+
+def _scaled(t, by=1.5):
+    return torch.nn.Parameter(t.detach().clone() * by if t.is_floating_point() else t.detach().clone(),
+                              requires_grad=False)
+
+
+def _hook_after(model):
+    model.transformer.layers[1].mlp.register_forward_hook(lambda mod, inp, out: None)
+
+
+CHANGES = {
+    # each changes what a step computes (or whether it may run in one call) after the first step kept its plan
+    "a parameter set": lambda model: setattr(model.transformer.layers[1].mlp.dense_4h_to_h, "bias",
+                                             _scaled(model.transformer.layers[1].mlp.dense_4h_to_h.bias)),
+    "a parameter written behind torch's back": lambda model: model.transformer.layers[0].attention.dense
+    ._parameters.__setitem__("bias", _scaled(model.transformer.layers[0].attention.dense.bias, 3.0)),
+    "a submodule replaced": lambda model: setattr(model.transformer.layers[1], "post_attention_layernorm",
+                                                  _norm_like(model.transformer.layers[1].post_attention_layernorm)),
+    "an eps set": lambda model: [setattr(layer, "eps", 0.5) for layer in model.transformer.layers],
+    "a forward hook": _hook_after,
+    "a replaced forward": lambda model: setattr(model.transformer.layers[0].mlp, "forward",
+                                                model.transformer.layers[0].mlp.forward),
+    "the cache's rows reordered": None,  # applied to the cache (reorder_cache, as beam search does)
+}
+TAKEN_AFTER = {"a forward hook": False, "a replaced forward": False}
+
+
+def _norm_like(norm):
+    new = torch.nn.LayerNorm(norm.normalized_shape, eps=norm.eps, dtype=norm.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(norm.weight * 0.5)
+        new.bias.copy_(norm.bias + 0.25)
+    return new
+
+
+@pytest.mark.parametrize("bits", [0, 4], ids=["float", "int4"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_change_after_the_first_step_is_seen(change, bits, monkeypatch):
+    # three identical models and caches, one step each in one call (which keeps its plan); the change to the
+    # first two; the next step of the first in one call, of the second through the full forward (bitwise the
+    # same), of the third without the change (different: a stale plan would have been seen)
+    models = [model_for(torch.float32, bits) for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    steps = Steps(monkeypatch)
+    caches, width = [], None
+    for model in models:
+        cache, _, width = prompt_cache(model, PROMPTS)
+        with torch.no_grad():
+            model(torch.tensor([[20], [21]]), position_ids=positions(2, 1, width), past_key_values=cache)
+        assert cache.step_plan is not None
+        caches.append(cache)
+    kept = caches[0].step_plan
+    for model, cache in zip(models[:2], caches[:2]):
+        if CHANGES[change] is None:
+            cache.reorder_cache(torch.tensor([1, 0]))
+        else:
+            CHANGES[change](model)
+    out = []
+    for off, model, cache in zip((False, True, False), models, caches):
+        steps.off = off
+        steps.taken.clear()
+        with torch.no_grad():
+            out.append(model(torch.tensor([[22], [23]]), position_ids=positions(2, 2, width),
+                             past_key_values=cache).logits)
+        if model is models[0]:
+            assert any(steps.taken) == TAKEN_AFTER.get(change, True)
+    assert caches[0].step_plan is not kept  # gathered anew (or not at all)
+    assert torch.equal(out[0], out[1])
+    if TAKEN_AFTER.get(change, True):  # a change of what is computed (a no-op hook changes nothing)
+        assert not torch.equal(out[0], out[2])  # it matters: a stale plan would have been seen
+
+
+def test_a_removed_hook_gives_the_one_call_step_back(monkeypatch):
+    model, steps = model_for(torch.float32, 4), Steps(monkeypatch)
+    cache, _, width = prompt_cache(model, PROMPTS[:1])
+    with torch.no_grad():
+        model(torch.tensor([[20]]), position_ids=positions(1, 1, width), past_key_values=cache)
+        handle = model.transformer.layers[0].input_layernorm.register_forward_pre_hook(lambda mod, inp: None)
+        model(torch.tensor([[21]]), position_ids=positions(1, 2, width), past_key_values=cache)
+        handle.remove()
+        model(torch.tensor([[22]]), position_ids=positions(1, 3, width), past_key_values=cache)
+    assert steps.taken == [True, True] and cache.filled == cache.prefix_len + width + 3  # the hooked step: forward
+
+
+def test_the_step_declines_moved_or_trainable_tensors_before_writing(monkeypatch):
+    model = model_for(torch.float32, 4)
+    cache, _, width = prompt_cache(model, PROMPTS[:1])
+    with torch.no_grad():
+        model(torch.tensor([[20]]), position_ids=positions(1, 1, width), past_key_values=cache)
+    args = cache.step_plan.args
+    before = [layer.keys.clone() for layer in cache.layers], cache.filled
+    ids, pos = torch.tensor([[21]]), positions(1, 2, width)
+    norms = list(args.before[6])
+    norms[3] = norms[3].double()  # a norm cast to another dtype
+    cast = args._replace(before=args.before[:6] + (norms,) + args.before[7:])
+    trainable = [t.detach().clone().requires_grad_(True) for t in args.before[6]]
+    with_grad = args._replace(before=args.before[:6] + (trainable,) + args.before[7:])
+    with torch.no_grad():
+        assert ops.step_infer(cast, ids, pos, cache.filled, None) is None
+    with torch.enable_grad():
+        assert ops.step_infer(with_grad, ids, pos, cache.filled, None) is None
+    assert cache.filled == before[1]
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(before[0], cache.layers))
+    with torch.no_grad():  # the same arguments without gradients: taken
+        assert ops.step_infer(with_grad, ids, pos, cache.filled, None) is not None
+
+
+def test_a_cast_model_raises_the_forwards_error(monkeypatch):
+    model, steps = model_for(torch.float32, 4), Steps(monkeypatch)
+    cache, _, width = prompt_cache(model, PROMPTS[:1])
+    with torch.no_grad():
+        model(torch.tensor([[20]]), position_ids=positions(1, 1, width), past_key_values=cache)
+        model.to(torch.bfloat16)  # the plan's tensors now hold bf16 data; the cache is still fp32
+        with pytest.raises(ValueError, match="the KV cache was built for batch 1, torch.float32"):
+            model(torch.tensor([[21]]), position_ids=positions(1, 2, width), past_key_values=cache)
+    assert cache.filled == cache.prefix_len + width + 1

@@ -5,7 +5,7 @@ Each function here is what the model calls; the implementation behind it
 """
 from ..backend import plan as kernel_plan
 from .attention import glm_attention
-from .block import block_infer, layers_infer, step_infer
+from .block import StepArgs, block_infer, layers_infer, step_args, step_infer
 from .gelu import bias_gelu
 from .layernorm import layer_norm, residual_layer_norm
 from .lm_loss import fused_linear_cross_entropy
@@ -16,10 +16,12 @@ from .softmax import scaled_masked_softmax
 
 __all__ = [
     "GLMMask",
+    "StepArgs",
     "apply_rotary_2d",
     "bias_gelu",
     "block_infer",
     "layers_infer",
+    "step_args",
     "step_infer",
     "fused_linear_cross_entropy",
     "glm_attention",

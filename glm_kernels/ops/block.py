@@ -14,9 +14,13 @@ block would take `block_infer` and none is hooked, else it calls the blocks one 
 
 `step_infer` runs a whole decoding step of `ChatGLMForConditionalGeneration` in one call (`_C.step_infer`:
 embeddings, `layers_infer`, final LayerNorm, LM head); the model takes it for the steps after the prompt
-(`ChatGLMForConditionalGeneration._one_call_step` says when), bitwise its forward.
+(`ChatGLMForConditionalGeneration._one_call_step` says when), bitwise its forward. Its arguments that stay the
+same from step to step (`step_args`: every weight and cache buffer) are gathered once and kept by the model
+(glm_kernels/step_plan.py) for as long as they hold.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -100,37 +104,81 @@ def layers_infer(hidden, blocks, alpha: float, position_ids, rotary, num_heads: 
     return None if args is None else cpu_ext.extension().layers_infer(hidden, *args)
 
 
-def step_infer(input_ids, embedding, blocks, alpha: float, position_ids, rotary, num_heads: int, cache, mask,
-               final_norm, head, backend=None):
-    """The logits `[b, s, vocab]` of a whole forward of `ChatGLMForConditionalGeneration` in one call
-    (`_C.step_infer`: embeddings, every block, final LayerNorm, LM head), or None when the call is not one it
-    takes (then the model runs its forward).
+class StepArgs(NamedTuple):
+    """What `_C.step_infer` takes that stays the same from one decoding step to the next (`step_args`): the
+    arguments before the positions, those between the positions and the start, and those after the mask."""
+    before: tuple  # embedding (table, scale, bits, dtype), alpha, eps, norms, weights, scales, biases, bits
+    between: tuple  # cos, sin, num_heads, keys, values (each layer's [capacity, b, nh, hd] cache buffers)
+    after: tuple  # the final LayerNorm's weight, bias and eps, the head's weight, scale and bits
+    dtype: torch.dtype  # the model's: of the embeddings, every float weight and the cache
+    num_layers: int
+
+
+def step_args(embedding, blocks, alpha: float, rotary, num_heads: int, cache, final_norm, head, backend=None):
+    """The arguments of a CPU decoding step in one call (`step_infer`) that do not change from one step to the
+    next, or None when a step of this model and cache is not one it takes (then the model runs its forward).
 
     Args:
-        input_ids: `[b, s]` integer ids on the CPU.
         embedding: `(table, scale, bits, dtype)`: an `nn.Embedding`'s weight with None, 0 and its dtype, or a
             `QuantizedEmbedding`'s THUDM bytes, fp16 scale, bits and the dtype of its rows (the model's).
-        blocks, position_ids, rotary, num_heads, cache, mask: as for `layers_infer`, rotary in that dtype.
+        blocks: per layer `(eps, norms, linears)` (`GLMBlock.infer_parts()`), None for a hooked block.
+        rotary: the `(cos, sin)` tables in that dtype; num_heads: the attention heads.
+        cache: the `GLMKVCache` (every layer on the CPU) whose buffers the step writes.
         final_norm: `(weight, bias, eps)` of the final LayerNorm.
         head: the LM head's `(weight, scale, bias, bits)` (`quant.modules.linear_parts`) without a bias, or None
-            for a head in another form (the call is then not taken).
-    Taken when `layers_infer` would be, with the tables on the CPU and nothing needing a gradient. Its logits
-    are bitwise those of the model's forward (the same operators in the same order); it saves the model-level
-    Python of a decode step (~1.5 ms of an INT4 token of the benchmark model, docs/quantization.md).
+            for a head in another form.
+    Taken when every block would take `block_infer` (the extension, every linear in a form it takes, one eps,
+    the torch backend) with the tables on the CPU. Devices, dtypes and gradients are checked again by every
+    step (`_C.step_infer` declines, before it writes anything, a tensor that moved or needs a gradient).
     """
     table, table_scale, table_bits, dtype = embedding
-    if not WHOLE_STEP or head is None or head[2] is not None:
+    if cpu_ext.extension() is None or head is None or head[2] is not None or not blocks or \
+            any(blk is None for blk in blocks) or backend_mod.resolve("attention", "cpu", backend) != "torch":
         return None
     tables = (table, table_scale, head[0], head[1], *final_norm[:2])
     if any(t is not None and t.device.type != "cpu" for t in tables):
         return None
+    eps = blocks[0][0]
+    if any(e != eps or any(p is None or p[0].device.type != "cpu" for p in linears) for e, _, linears in blocks):
+        return None  # a shared eps, every linear in a form the block takes and on the CPU (not meta, offloaded)
+    keys, values = zip(*(cache.seq_view(i) for i in range(len(blocks))))
+    norms = [t for _, layer_norms, _ in blocks for t in layer_norms]
+    weights, scales, biases, bits = zip(*(parts for _, _, linears in blocks for parts in linears))
+    return StepArgs((table, table_scale, table_bits, dtype, alpha, eps, norms, list(weights), list(scales),
+                     list(biases), list(bits)),
+                    (rotary[0], rotary[1], num_heads, list(keys), list(values)),
+                    (*final_norm, head[0], head[1], head[3]), dtype, len(blocks))
+
+
+def step_infer(args: StepArgs, input_ids, position_ids, start: int, mask, limits=None):
+    """The logits `[b, s, vocab]` of a whole forward of `ChatGLMForConditionalGeneration` in one call
+    (`_C.step_infer`: embeddings, every block, final LayerNorm, LM head), or None when the call is not one it
+    takes (then the model runs its forward, and nothing has been written).
+
+    Args:
+        args: `step_args(...)` of the model and cache.
+        input_ids: `[b, s]` integer ids on the CPU; position_ids: `[b, 2, s]`.
+        start: the cache position of the first new token (`cache.filled`).
+        mask: None, a bool `[b or 1, 1, s, start + s]` mask or a `GLMMask`.
+        limits: `(vocab_size, max_sequence_length)` to check the ids and positions against (the forward's
+            `ValueError`s), or None not to check them.
+    Declined: more rows than the extension's product, `rope_qkv` and `attention_few` each take, or a tensor the
+    step reads that is no longer on the CPU in the model's dtype, or that needs a gradient with gradients on.
+    Its logits are bitwise those of the model's forward (the same operators in the same order); it saves the
+    model-level Python of a decode step (docs/quantization.md).
+    """
     b, s = input_ids.shape
-    args = _layers_args(s, b, dtype, input_ids.device, blocks, alpha, position_ids, rotary, num_heads, cache, mask,
-                        backend, tables)
-    if args is None:
+    if not (ENABLED and ALL_LAYERS and WHOLE_STEP) or s > FEW_ROWS or \
+            s * b > min(FEW_TOKENS, EXTENSION_MAX_ROWS.get(args.dtype, 0)):
         return None
-    return cpu_ext.extension().step_infer(input_ids, table, table_scale, table_bits, dtype, *args, *final_norm,
-                                          head[0], head[1], head[3])
+    if isinstance(mask, GLMMask):
+        mask = mask.dense(s, start + s)
+    vocab, positions = limits if limits is not None else (0, 0)
+    try:
+        return cpu_ext.extension().step_infer(input_ids, *args.before, position_ids, *args.between, start, mask,
+                                              *args.after, vocab, positions)
+    except NotImplementedError:  # _C.step_infer declines before it writes anything
+        return None
 
 
 def _layers_args(s: int, b: int, dtype, device, blocks, alpha, position_ids, rotary, num_heads, cache, mask,
