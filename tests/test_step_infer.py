@@ -363,3 +363,20 @@ def test_a_cast_model_raises_the_forwards_error(monkeypatch):
         with pytest.raises(ValueError, match="the KV cache was built for batch 1, torch.float32"):
             model(torch.tensor([[21]]), position_ids=positions(1, 2, width), past_key_values=cache)
     assert cache.filled == cache.prefix_len + width + 1
+
+
+@pytest.mark.parametrize("with_past", [False, True])
+def test_step_output_is_the_constructors(with_past):
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from glm_kernels.modeling import step_output
+
+    logits, past = torch.randn(1, 1, 8), (GLMKVCache(make_model().config, 1, 4) if with_past else None)
+    fast, ref = step_output(logits, past), CausalLMOutputWithPast(logits=logits, past_key_values=past)
+    assert type(fast) is type(ref)
+    assert fast.__dict__.keys() == ref.__dict__.keys()
+    assert all(fast.__dict__[k] is ref.__dict__[k] for k in ref.__dict__)
+    assert list(fast.keys()) == list(ref.keys()) and all(fast[k] is ref[k] for k in ref.keys())
+    assert len(fast.to_tuple()) == len(ref.to_tuple()) and fast[0] is logits and fast.logits is logits
+    fast.loss = torch.zeros(())  # still a ModelOutput: setting a field makes it an item, as for the constructor's
+    assert list(fast.keys())[-1] == "loss" and fast["loss"] is fast.loss
