@@ -136,17 +136,12 @@ def step_args(embedding, blocks, alpha: float, rotary, num_heads: int, cache, fi
             any(blk is None for blk in blocks) or backend_mod.resolve("attention", "cpu", backend) != "torch":
         return None
     tables = (table, table_scale, head[0], head[1], *final_norm[:2])
-    if any(t is not None and t.device.type != "cpu" for t in tables):
+    flat = _flat_blocks(blocks, cache)
+    if flat is None or any(t is not None and t.device.type != "cpu" for t in tables):
         return None
-    eps = blocks[0][0]
-    if any(e != eps or any(p is None or p[0].device.type != "cpu" for p in linears) for e, _, linears in blocks):
-        return None  # a shared eps, every linear in a form the block takes and on the CPU (not meta, offloaded)
-    keys, values = zip(*(cache.seq_view(i) for i in range(len(blocks))))
-    norms = [t for _, layer_norms, _ in blocks for t in layer_norms]
-    weights, scales, biases, bits = zip(*(parts for _, _, linears in blocks for parts in linears))
-    return StepArgs((table, table_scale, table_bits, dtype, alpha, eps, norms, list(weights), list(scales),
-                     list(biases), list(bits)),
-                    (rotary[0], rotary[1], num_heads, list(keys), list(values)),
+    eps, norms, weights, scales, biases, bits, keys, values = flat
+    return StepArgs((table, table_scale, table_bits, dtype, alpha, eps, norms, weights, scales, biases, bits),
+                    (rotary[0], rotary[1], num_heads, keys, values),
                     (*final_norm, head[0], head[1], head[3]), dtype, len(blocks))
 
 
@@ -189,21 +184,30 @@ def _layers_args(s: int, b: int, dtype, device, blocks, alpha, position_ids, rot
     if not ALL_LAYERS or not blocks or any(blk is None for blk in blocks) or \
             not _takes(ext, s, b, dtype, device, backend):
         return None
-    eps = blocks[0][0]
-    if any(e != eps or any(p is None or p[0].device.type != "cpu" for p in linears) for e, _, linears in blocks):
-        return None  # a shared eps, every linear in a form the block takes and on the CPU (not meta, offloaded)
-    keys, values = zip(*(cache.seq_view(i) for i in range(len(blocks))))
-    if torch.is_grad_enabled() and _needs_grad(*inputs, *keys, *values,
-                                                *(t for _, norms, linears in blocks
-                                                  for t in (*norms, *(u for parts in linears for u in parts[:3])))):
+    flat = _flat_blocks(blocks, cache)
+    if flat is None:
+        return None
+    eps, norms, weights, scales, biases, bits, keys, values = flat
+    if torch.is_grad_enabled() and _needs_grad(*inputs, *keys, *values, *norms, *weights, *scales, *biases):
         return None
     start = cache.filled
     if isinstance(mask, GLMMask):
         mask = mask.dense(s, start + s)
+    return (alpha, eps, norms, weights, scales, biases, bits, position_ids, rotary[0], rotary[1], num_heads, keys,
+            values, start, mask)
+
+
+def _flat_blocks(blocks, cache):
+    """`(eps, norms, weights, scales, biases, bits, keys, values)`: the blocks' shared eps, their parts as flat
+    lists (four per layer) and each layer's `[capacity, b, nh, hd]` cache buffers; or None unless every block
+    shares one eps and holds every linear in a form the C++ block takes, on the CPU (not meta, not offloaded)."""
+    eps = blocks[0][0]
+    if any(e != eps or any(p is None or p[0].device.type != "cpu" for p in linears) for e, _, linears in blocks):
+        return None
+    keys, values = zip(*(cache.seq_view(i) for i in range(len(blocks))))
     norms = [t for _, layer_norms, _ in blocks for t in layer_norms]
     weights, scales, biases, bits = zip(*(parts for _, _, linears in blocks for parts in linears))
-    return (alpha, eps, norms, list(weights), list(scales), list(biases), list(bits), position_ids, rotary[0],
-            rotary[1], num_heads, list(keys), list(values), start, mask)
+    return eps, norms, list(weights), list(scales), list(biases), list(bits), list(keys), list(values)
 
 
 def _needs_grad(*tensors) -> bool:
