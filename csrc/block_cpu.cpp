@@ -164,16 +164,20 @@ torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& table, const 
               "ids must be an integer [b, s] tensor");
   if (bits == 0) return at::embedding(table, ids);
   TORCH_CHECK(scale.has_value() && (bits == 4 || bits == 8), "a quantized embedding takes a scale and bits 4 or 8");
-  const auto flat = ids.reshape({-1}).to(torch::kLong).contiguous();
-  const int64_t* id = flat.data_ptr<int64_t>();
-  std::vector<torch::Tensor> rows;
-  for (int64_t i = 0; i < flat.numel(); ++i) {
+  const auto flat = ids.scalar_type() == torch::kLong && ids.is_contiguous() ? ids : ids.reshape({-1}).to(torch::kLong)
+                                                                                        .contiguous();
+  const int64_t* id = flat.const_data_ptr<int64_t>();
+  const int64_t n = flat.numel(), k = bits == 8 ? table.size(1) : table.size(1) * 2;
+  for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK_INDEX(0 <= id[i] && id[i] < table.size(0), "QuantizedEmbedding: id ", id[i], " outside [0, ",
                       table.size(0), ")");
-    rows.push_back(glm_kernels::dequantize(table, *scale, bits, id[i], id[i] + 1));
-  }
-  const auto out = rows.size() == 1 ? rows[0] : at::cat(rows);
-  return out.to(dtype).reshape({ids.size(0), ids.size(1), -1});
+  // each row's q * scale in fp32, rounded once to the model's dtype: dequantize_into writes fp32 or bf16 itself
+  // (to nearest even, as .to() rounds), so only fp16 takes a conversion (an ATen call from cold caches per step)
+  const bool direct = dtype == torch::kBFloat16 || dtype == torch::kFloat;
+  auto out = torch::empty({n, k}, table.options().dtype(direct ? dtype : torch::kFloat));
+  for (int64_t i = 0; i < n; ++i)
+    glm_kernels::dequantize_into(table, *scale, bits, id[i], id[i] + 1, out.narrow(0, i, 1));
+  return (direct ? out : out.to(dtype)).reshape({ids.size(0), ids.size(1), -1});
 }
 
 // Why a step must not run on these tensors (empty: it may): every tensor it reads on the CPU, the float ones in the
@@ -224,8 +228,10 @@ std::string unfit(at::ScalarType dtype, const torch::Tensor& embedding, const c1
 // ValueError unless every value of `t` lies in [0, limit) (limit 0: unchecked), named as the model's forward does
 void check_range(const torch::Tensor& t, int64_t limit, bool ids) {
   if (limit <= 0 || t.numel() == 0) return;
-  const auto flat = t.reshape({-1}).to(torch::kLong).contiguous();
-  const int64_t* v = flat.data_ptr<int64_t>();
+  // int64 and contiguous, as generate() makes them: read in place (no ATen call per step)
+  const auto flat = t.scalar_type() == torch::kLong && t.is_contiguous() ? t : t.reshape({-1}).to(torch::kLong)
+                                                                                  .contiguous();
+  const int64_t* v = flat.const_data_ptr<int64_t>();
   const auto [lo, hi] = std::minmax_element(v, v + flat.numel());
   if (*lo >= 0 && *hi < limit) return;
   const int64_t bad = *lo < 0 ? *lo : *hi;

@@ -28,6 +28,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
 torch::Tensor dequantize(const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits, int64_t start,
                          int64_t stop);
 
+// the same rows into `out` (contiguous CPU [>= stop - start, K], fp32 or bf16: computed in fp32, rounded once)
+void dequantize_into(const torch::Tensor& weight, const torch::Tensor& scale, int64_t bits, int64_t start,
+                     int64_t stop, const torch::Tensor& out);
+
 // csrc/attention_cpu.cpp: attention of a few query rows [sq, b, nh, hd] over k, v [sk, b, nh, hd] -> [sq, b, nh * hd]
 torch::Tensor attention_few(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                             const c10::optional<torch::Tensor>& mask);

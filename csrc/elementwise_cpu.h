@@ -19,14 +19,23 @@ inline void check_activation(const torch::Tensor& x, const char* shape) {
               "x must be fp32, fp16 or bf16, got ", dtype);
 }
 
-// a CPU [n] fp32 / fp16 / bf16 parameter (LayerNorm weight, a bias) as fp32 values, read once per call
+// a CPU [n] fp32 / fp16 / bf16 parameter (LayerNorm weight, a bias) as fp32 values, read once per call; widened
+// here rather than by an ATen conversion, which a decode step would run ~40 times from cold caches (exact either way)
 inline std::vector<float> floats_of(const torch::Tensor& t, int64_t n, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == n, name, " must be a CPU [", n, "] tensor, got ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kHalf ||
-                  t.scalar_type() == torch::kBFloat16, name, " must be fp32, fp16 or bf16, got ", t.scalar_type());
-  const auto f = t.to(torch::kFloat).contiguous();
-  return std::vector<float>(f.const_data_ptr<float>(), f.const_data_ptr<float>() + n);
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat || dtype == torch::kHalf || dtype == torch::kBFloat16, name,
+              " must be fp32, fp16 or bf16, got ", dtype);
+  const auto c = t.contiguous();
+  std::vector<float> out(n);
+  auto widen = [&](const auto* p) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(p[i]);
+  };
+  if (dtype == torch::kBFloat16) widen(c.const_data_ptr<c10::BFloat16>());
+  else if (dtype == torch::kHalf) widen(c.const_data_ptr<c10::Half>());
+  else widen(c.const_data_ptr<float>());
+  return out;
 }
 
 // fn(T{}) with T the storage type of an activation dtype checked by check_activation

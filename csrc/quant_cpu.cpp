@@ -849,8 +849,8 @@ __attribute__((target("avx512f"))) void to_bf16_avx512(const float* in, int64_t 
 
 // Rows [start, stop) of W = q * scale into `out` (contiguous CPU [>= stop - start, K], fp32 or bf16: the product
 // is computed in fp32 and rounded once). Callers reuse one cache-sized buffer for every block.
-void dequantize_into(const torch::Tensor& weight_in, const torch::Tensor& scale_in, int64_t bits, int64_t start,
-                     int64_t stop, const torch::Tensor& out) {
+void glm_kernels::dequantize_into(const torch::Tensor& weight_in, const torch::Tensor& scale_in, int64_t bits,
+                                  int64_t start, int64_t stop, const torch::Tensor& out) {
   check(weight_in, scale_in, bits);
   const auto weight = weight_in.contiguous();
   const FloatRow scale(scale_in, "scale");
@@ -888,7 +888,7 @@ torch::Tensor glm_kernels::dequantize(const torch::Tensor& weight, const torch::
                                       int64_t start, int64_t stop) {
   const int64_t k = bits == 8 ? weight.size(1) : weight.size(1) * 2;
   auto out = torch::empty({std::max<int64_t>(stop - start, 0), k}, weight.options().dtype(torch::kFloat));
-  dequantize_into(weight, scale, bits, start, stop, out);
+  glm_kernels::dequantize_into(weight, scale, bits, start, stop, out);
   return out;
 }
 
@@ -916,7 +916,7 @@ TORCH_LIBRARY(glm_kernels, m) {
                                       const c10::optional<torch::Tensor>&)>(&glm_kernels::linear));
   m.def("dequantize(Tensor weight, Tensor scale, int bits, int start, int stop) -> Tensor", &glm_kernels::dequantize);
   m.def("dequantize_into(Tensor weight, Tensor scale, int bits, int start, int stop, Tensor(a!) out) -> ()",
-        &dequantize_into);
+        &glm_kernels::dequantize_into);
   m.def("stream_read(Tensor[] tensors) -> int", &stream_read);
 }
 
