@@ -155,6 +155,12 @@ std::tuple<torch::Tensor, torch::Tensor> layers_infer(
   return {h, *residual};
 }
 
+// An integer tensor's values as contiguous int64 (read over numel() in memory order): int64 and contiguous, as
+// generate() makes ids and positions, are read in place (no ATen call per step)
+torch::Tensor as_longs(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kLong && t.is_contiguous() ? t : t.reshape({-1}).to(torch::kLong).contiguous();
+}
+
 // The input embeddings [b, s, h] of ids [b, s], as the model's embedding module computes them: `at::embedding` of a
 // float table (bits 0), or each id's row of THUDM's bytes dequantized in fp32 and rounded to `dtype`
 // (QuantizedEmbedding's few-ids path, which raises IndexError for an id outside the table).
@@ -164,8 +170,7 @@ torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& table, const 
               "ids must be an integer [b, s] tensor");
   if (bits == 0) return at::embedding(table, ids);
   TORCH_CHECK(scale.has_value() && (bits == 4 || bits == 8), "a quantized embedding takes a scale and bits 4 or 8");
-  const auto flat = ids.scalar_type() == torch::kLong && ids.is_contiguous() ? ids : ids.reshape({-1}).to(torch::kLong)
-                                                                                        .contiguous();
+  const auto flat = as_longs(ids);
   const int64_t* id = flat.const_data_ptr<int64_t>();
   const int64_t n = flat.numel(), k = bits == 8 ? table.size(1) : table.size(1) * 2;
   for (int64_t i = 0; i < n; ++i)
@@ -228,9 +233,7 @@ std::string unfit(at::ScalarType dtype, const torch::Tensor& embedding, const c1
 // ValueError unless every value of `t` lies in [0, limit) (limit 0: unchecked), named as the model's forward does
 void check_range(const torch::Tensor& t, int64_t limit, bool ids) {
   if (limit <= 0 || t.numel() == 0) return;
-  // int64 and contiguous, as generate() makes them: read in place (no ATen call per step)
-  const auto flat = t.scalar_type() == torch::kLong && t.is_contiguous() ? t : t.reshape({-1}).to(torch::kLong)
-                                                                                  .contiguous();
+  const auto flat = as_longs(t);
   const int64_t* v = flat.const_data_ptr<int64_t>();
   const auto [lo, hi] = std::minmax_element(v, v + flat.numel());
   if (*lo >= 0 && *hi < limit) return;

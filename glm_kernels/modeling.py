@@ -16,7 +16,6 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as module_mod
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -28,7 +27,7 @@ from .generation import ChatGLMGenerationMixin
 from .ops.mask import GLMMask
 from .ops.rotary import inv_freq
 from .placement import execution_device
-from .step_plan import StepPlan
+from .step_plan import StepPlan, global_forward_hooks
 from .quant.layout import check_bits
 from .quant.modules import (BLOCK_LINEARS, QuantizedEmbedding, QuantizedLinear, embedding_parts, is_quantized, linear,
                             linear_parts, quantized_modules)
@@ -110,11 +109,6 @@ class RotaryEmbedding(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         pass
-
-
-def global_forward_hooks() -> bool:
-    """Whether torch has global forward hooks (`register_module_forward_hook` / `..._pre_hook`)."""
-    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
 
 def hooked(module: nn.Module) -> bool:
@@ -853,23 +847,20 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         (`StepPlan`, kept on the cache) and used while they hold; `ops.step_infer` declines (None) a tensor that
         moved off the CPU or to another dtype, or a weight that needs a gradient, before anything is written.
         """
-        cfg = self.config
+        cfg, model = self.config, self.transformer
         cache = past_key_values
         if not isinstance(cache, GLMKVCache) or input_ids is None or inputs_embeds is not None or \
                 attention_mask is not None or position_ids is None or cache.mask is None or \
                 (output_attentions if output_attentions is not None else cfg.output_attentions) or \
                 (output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states) or \
                 not isinstance(logits_to_keep, int) or input_ids.device.type != "cpu" or \
-                position_ids.device != input_ids.device:
+                position_ids.device != input_ids.device or (model.gradient_checkpointing and model.training):
             return None
         plan = cache.step_plan
         if plan is None or not plan.holds(self):
             plan = cache.step_plan = self._plan_step(cache)
             if plan is None:
                 return None
-        model = self.transformer
-        if model.gradient_checkpointing and model.training:
-            return None
         check = check_inputs is not False
         model._check_inputs(input_ids, None, cache, check=False)  # the ranges of the ids: in ops.step_infer
         batch, seq = input_ids.shape

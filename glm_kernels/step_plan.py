@@ -46,6 +46,11 @@ def _install() -> None:
             module_mod.register_module_module_registration_hook))
 
 
+def global_forward_hooks() -> bool:
+    """Whether torch has global forward hooks (`register_module_forward_hook` / `..._pre_hook`)."""
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
 def _handles():
     """Hook handles made so far in this process (every forward hook registration makes one), or None."""
     return getattr(RemovableHandle, "next_id", None)
@@ -83,7 +88,7 @@ class StepPlan:
     def holds(self, model) -> bool:
         # cheapest first; each reads only the plan's own tuples and the dicts they name
         if model is not self.model or self.registered != _REGISTERED[0] or self.modes != _modes() or \
-                module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+                global_forward_hooks():
             return False
         handles = _handles()
         if handles is None or handles != self.handles:
