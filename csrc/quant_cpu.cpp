@@ -14,9 +14,9 @@
 // the few rows of decoding (each weight row is decoded once and used for every row of x); the caller
 // (glm_kernels/ops/quant_linear.py) sends larger M to dequantize_into + matmul. Work is split over output
 // rows with at::parallel_for (the extension is built with -fopenmp, as ATen is); one row of x (decoding) and the
-// floor read share their weight's chunks instead (parallel_chunks, csrc/chunks_cpu.h). Four builds of the inner
-// loops, chosen at run time with __builtin_cpu_supports: AVX512-BF16 (bf16 x only), AVX512F, AVX2+FMA and
-// portable C++.
+// floor read share their weight's chunks instead (parallel_chunks, csrc/chunks_cpu.h). Five builds of the inner
+// loops, chosen at run time with __builtin_cpu_supports: AVX512-BF16 with VNNI (one bf16 row of x in 16-bit
+// fixed point, see "one row of x in fixed point"), AVX512-BF16 (bf16 x only), AVX512F, AVX2+FMA and portable C++.
 //
 // The AVX512-BF16 loops (Zen 4, Sapphire Rapids and later) keep bf16 x as it is and convert q to bf16, which
 // is exact (|q| <= 128 has at most 8 significant bits); vdpbf16ps multiplies bf16 pairs exactly in fp32 and
@@ -31,6 +31,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -375,6 +376,17 @@ GLM_BF16_TARGET void pass_streams(const uint16_t* x, int64_t bits, int64_t steps
   }
 }
 
+// x . row over the row's bytes [from, ldw) past the passes' last whole step, from x itself (bf16 bits) in fp32
+template <int Bits>
+float pass_tail(const uint16_t* x, const int8_t* row, int64_t from, int64_t ldw) {
+  if (Bits == 8) return int8_dot(x, row, from, ldw);
+  float tail = 0.f;
+  for (int64_t t = from; t < ldw; ++t)
+    tail += value(x[2 * t]) * static_cast<float>(high_nibble(row[t])) +
+            value(x[2 * t + 1]) * static_cast<float>(low_nibble(row[t]));
+  return tail;
+}
+
 // sums[r] = x . row r of the R rows at w (stride ldw bytes) over the first `steps` 64-byte steps, then the tail
 // bytes with the portable loops on x itself
 template <int R, int Bits>
@@ -415,19 +427,7 @@ GLM_BF16_TARGET void pass_bf16(const uint16_t* streams, const uint16_t* x, const
                        : _mm512_setzero_ps();
   alignas(16) float lanes[4];
   _mm_store_ps(lanes, glm_kernels::vec::reduce4(row_sum[0], row_sum[1], row_sum[2], row_sum[3]));
-  const int64_t from = steps * kStep;
-  for (int r = 0; r < R; ++r) {
-    const int8_t* row = w + r * ldw;
-    float tail = 0.f;
-    if (Bits == 8) {
-      tail = int8_dot(x, row, from, ldw);
-    } else {
-      for (int64_t t = from; t < ldw; ++t)
-        tail += value(x[2 * t]) * static_cast<float>(high_nibble(row[t])) +
-                value(x[2 * t + 1]) * static_cast<float>(low_nibble(row[t]));
-    }
-    sums[r] = lanes[r] + tail;
-  }
+  for (int r = 0; r < R; ++r) sums[r] = lanes[r] + pass_tail<Bits>(x, w + r * ldw, steps * kStep, ldw);
 }
 
 // One thread's share of the read-ahead lines [first, last) (counted over the ranges one after the other), handed
@@ -459,19 +459,147 @@ class AheadLines {
   int64_t line_, last_, per_pass_;
 };
 
-// rows [begin, end) of the weight: passes of kPass rows, the last rows of the range one by one
+// ---- one row of x in fixed point (AVX512-VNNI)
+//
+// With bf16 x, the passes above make four vdpbf16ps per 64 weight bytes, and on some CPUs that arithmetic, not
+// DRAM, bounds them: on a 2-core Xeon (Emerald Rapids) VM their loop reads 15 GB/s of weight per core from L2,
+// about what DRAM gives each core, and the products reached only 66-73% of the read floor. Here the row of x
+// is first written as 16-bit integers at one power-of-two scale, x_fixed = rint(x * 2^shift) with
+// max|x| * 2^shift <= 32640 (bf16 has 8 significant bits, so the largest element and every element within a
+// factor 2^7 of it convert exactly; a smaller one is rounded to a multiple of 2^-shift, an error of at most
+// max|x| * 2^-16 per element), and the weights meet it in vpdpwssd (16-bit pairs summed into int32):
+//   4 bits: per word, nibbles 0-2 as (nibble ^ 8) = q + 8 (one vpternlogd after a shift) and nibble 3 by an
+//           arithmetic shift; the +8 is taken back once per product (8 x the sum of streams 0..2, exact);
+//   8 bits: the bytes sign-extended to words (vpmovsxbw), x in its natural order.
+// The integer sums are exact (int32 lanes summed into int64 every block of steps, before any lane can overflow);
+// the row's sum is then scaled by 2^-shift and rounded once to fp32. Same loop shape, twice the weight bytes per
+// cycle from L2 (docs/quantization.md). The exact bf16 passes above remain for x holding inf or NaN, and for
+// CPUs without VNNI (set_isa("avx512bf16") selects them).
+#define GLM_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+struct FixedRow {
+  std::vector<uint16_t> streams;  // int16 bits, laid out as the bf16 passes' streams
+  int shift = 0;                  // x_fixed = rint(x * 2^shift)
+  int64_t offset = 0;             // what the +8 of the unsigned nibbles adds to every row's integer sum
+};
+
+// x (one bf16 row, [count], count a multiple of 32) -> out in 16-bit fixed point; false (out untouched) when x
+// holds inf or NaN
+GLM_VNNI_TARGET bool fixed_point(const uint16_t* x, int64_t count, uint16_t* out, int* shift) {
+  // |x| ordered as bf16 is ordered as the integer bits & 0x7FFF
+  __m512i top = _mm512_setzero_si512();
+  for (int64_t i = 0; i < count; i += 32)
+    top = _mm512_max_epu16(top, _mm512_and_si512(_mm512_loadu_si512(x + i), _mm512_set1_epi16(0x7FFF)));
+  alignas(64) uint16_t tops[32];
+  _mm512_store_si512(tops, top);
+  int largest = 0;
+  for (uint16_t t : tops) largest = std::max<int>(largest, t);
+  if (largest >= 0x7F80) return false;  // inf or NaN: the exact passes give the IEEE result
+  int exponent = 0;
+  if (largest > 0) std::frexp(value(static_cast<uint16_t>(largest)), &exponent);
+  *shift = 15 - exponent;  // largest * 2^shift = m * 2^15 with m in [0.5, 1) of 8 bits: <= 32640
+  const __m512 by = _mm512_set1_ps(static_cast<float>(*shift));
+  for (int64_t i = 0; i < count; i += 16) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
+    // vscalefps scales by 2^shift without an intermediate overflow; vcvtps2dq rounds to nearest even
+    const __m512i fixed = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), by));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(fixed));
+  }
+  return true;
+}
+
+// the fixed-point streams of one bf16 row for `steps` 64-byte steps of a weight row; false for inf / NaN x
+bool fixed_row(const uint16_t* x, int64_t bits, int64_t steps, FixedRow& row) {
+  const int64_t count = steps * kStep * (bits == 4 ? 2 : 1);  // the elements the steps cover
+  row.streams.resize(count);
+  if (bits == 8) return fixed_point(x, count, row.streams.data(), &row.shift);
+  std::vector<uint16_t> fixed(count);
+  if (!fixed_point(x, count, fixed.data(), &row.shift)) return false;
+  pass_streams(fixed.data(), bits, steps, row.streams.data());
+  int64_t unsigned_sum = 0;  // streams 0..2 meet q + 8
+  for (int64_t i = 0; i < 3 * count / 4; ++i) unsigned_sum += static_cast<int16_t>(row.streams[i]);
+  row.offset = 8 * unsigned_sum;
+  return true;
+}
+
+// sum of the int32 lanes of v, in int64
+GLM_VNNI_TARGET inline int64_t lanes_sum(__m512i v) {
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                                  _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
+
+// pass_bf16 in fixed point: sums[r] = x . row r of the R rows at w over the first `steps` steps, then the tail
+template <int R, int Bits>
+GLM_VNNI_TARGET void pass_fixed(const FixedRow& fx, const uint16_t* x, const int8_t* w, int64_t ldw, int64_t steps,
+                                float* sums) {
+  // steps per block of int32 sums: a lane gains at most 2 * 32640 * 15 (4 bits) or 2 * 32640 * 128 (8 bits) a
+  // step, and a row's accumulators are added in int32 before going to int64: within 2^31 either way
+  constexpr int64_t kBlock = Bits == 4 ? 512 : 128;
+  constexpr int kAcc = Bits == 4 ? 4 : 2;
+  const int64_t len = steps * kStep / 2;
+  const auto* xs = reinterpret_cast<const int16_t*>(fx.streams.data());
+  const __m512i nibble = _mm512_set1_epi16(0x000F), eight = _mm512_set1_epi16(0x0008);
+  int64_t total[R] = {};
+  for (int64_t i0 = 0; i0 < steps; i0 += kBlock) {
+    __m512i a[R][kAcc];
+    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < kAcc; ++s) a[r][s] = _mm512_setzero_si512();
+    for (int64_t i = i0; i < std::min(steps, i0 + kBlock); ++i) {
+      const int64_t j = i * kStep;
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + R * j + 64 * r + kAhead), _MM_HINT_T1);
+      if (Bits == 4) {
+        const int64_t o = j / 2;
+        __m512i xv[4];
+        for (int s = 0; s < 4; ++s) xv[s] = _mm512_loadu_si512(xs + s * len + o);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const __m512i b = _mm512_loadu_si512(w + r * ldw + j);
+          // (b >> 4n & 15) ^ 8 = q + 8 for nibbles 0..2 (vpternlogd 0x6A: (a & b) ^ c); nibble 3 sign-extended
+          a[r][0] = _mm512_dpwssd_epi32(a[r][0], _mm512_ternarylogic_epi32(b, nibble, eight, 0x6A), xv[0]);
+          a[r][1] = _mm512_dpwssd_epi32(
+              a[r][1], _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), nibble, eight, 0x6A), xv[1]);
+          a[r][2] = _mm512_dpwssd_epi32(
+              a[r][2], _mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 8), nibble, eight, 0x6A), xv[2]);
+          a[r][3] = _mm512_dpwssd_epi32(a[r][3], _mm512_srai_epi16(b, 12), xv[3]);
+        }
+      } else {
+        const __m512i x0 = _mm512_loadu_si512(xs + j), x1 = _mm512_loadu_si512(xs + j + 32);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const auto* row = reinterpret_cast<const __m256i*>(w + r * ldw + j);
+          a[r][0] = _mm512_dpwssd_epi32(a[r][0], _mm512_cvtepi8_epi16(_mm256_loadu_si256(row)), x0);
+          a[r][1] = _mm512_dpwssd_epi32(a[r][1], _mm512_cvtepi8_epi16(_mm256_loadu_si256(row + 1)), x1);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512i sum = _mm512_add_epi32(a[r][0], a[r][1]);
+      if (Bits == 4) sum = _mm512_add_epi32(sum, _mm512_add_epi32(a[r][2], a[r][3]));
+      total[r] += lanes_sum(sum);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    sums[r] = static_cast<float>(std::ldexp(static_cast<double>(total[r] - fx.offset), -fx.shift)) +
+              pass_tail<Bits>(x, w + r * ldw, steps * kStep, ldw);
+}
+
+// rows [begin, end) of the weight: passes of kPass rows, the last rows of the range one by one; in fixed point
+// when `fixed` holds x's streams, else on the bf16 streams
 template <int Bits>
-void rows_pass_bf16(const uint16_t* streams, const uint16_t* x, const int8_t* w, int64_t ldw, int64_t begin,
-                    int64_t end, float* sums, AheadLines& ahead) {
+void rows_pass(const FixedRow* fixed, const uint16_t* streams, const uint16_t* x, const int8_t* w, int64_t ldw,
+               int64_t begin, int64_t end, float* sums, AheadLines& ahead) {
   const int64_t steps = ldw / kStep;
   int64_t r = begin;
   for (; r + kPass <= end; r += kPass) {
     ahead.next();
-    pass_bf16<kPass, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
+    if (fixed) pass_fixed<kPass, Bits>(*fixed, x, w + r * ldw, ldw, steps, sums + r - begin);
+    else pass_bf16<kPass, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
   }
   for (; r < end; ++r) {
     ahead.next();
-    pass_bf16<1, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
+    if (fixed) pass_fixed<1, Bits>(*fixed, x, w + r * ldw, ldw, steps, sums + r - begin);
+    else pass_bf16<1, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
   }
 }
 
@@ -632,7 +760,7 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
   }
   const Isa chosen = isa();
   // bf16 x on an AVX512-BF16 CPU stays bf16 (even / odd columns for 4 bits); otherwise an fp32 copy
-  const bool bf16_x = chosen == Isa::kAvx512Bf16 && x_in.scalar_type() == torch::kBFloat16;
+  const bool bf16_x = chosen >= Isa::kAvx512Bf16 && x_in.scalar_type() == torch::kBFloat16;
   const auto x_dtype = bf16_x ? torch::kBFloat16 : torch::kFloat;
   // x as the loops read it; usually no copy for 8 bits. For 4 bits the even / odd columns go to one new buffer
   // in a plain loop (a decode step makes ~30 of these calls; strided slices cost five ATen ops each).
@@ -679,8 +807,11 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
       // one row of x: the several-rows-per-pass loops, each thread's share in whole passes
       const auto* xr = reinterpret_cast<const uint16_t*>(xc.data_ptr()) + m0 * k;
       const int64_t steps = ldw / kStep;
-      std::vector<uint16_t> streams(steps * kStep * 2);  // 4 bits: 4 x 32 values per step; 8 bits: 2 x 32
-      pass_streams(xr, bits, steps, streams.data());
+      FixedRow fixed_x;
+      const bool fixed = chosen >= Isa::kAvx512Vnni && fixed_row(xr, bits, steps, fixed_x);
+      std::vector<uint16_t> streams(fixed ? 0 : steps * kStep * 2);  // 4 bits: 4 x 32 per step; 8 bits: 2 x 32
+      if (!fixed) pass_streams(xr, bits, steps, streams.data());
+      const FixedRow* fx = fixed ? &fixed_x : nullptr;
       const int64_t passes = (n + kPass - 1) / kPass;
       const int64_t ahead_lines = AheadLines::total(ahead);
       // chunks of ~kChunkBytes of weight, each thread its share first, then the slower thread's last chunks
@@ -693,8 +824,8 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
         // rows_pass_bf16 makes: one per pass of kPass rows and one per row left over
         const int64_t calls = (end - begin) / kPass + (end - begin) % kPass;
         AheadLines lines(ahead, ahead_lines * p0 / passes, ahead_lines * p1 / passes, calls);
-        if (bits == 8) rows_pass_bf16<8>(streams.data(), xr, wp, ldw, begin, end, sums, lines);
-        else rows_pass_bf16<4>(streams.data(), xr, wp, ldw, begin, end, sums, lines);
+        if (bits == 8) rows_pass<8>(fx, streams.data(), xr, wp, ldw, begin, end, sums, lines);
+        else rows_pass<4>(fx, streams.data(), xr, wp, ldw, begin, end, sums, lines);
         write(m0, 1, begin, end, sums);
       });
       continue;
@@ -898,14 +1029,14 @@ std::string isa_name() { return isa_label(isa()); }
 std::string set_isa(const std::string& name) {
   const std::string previous = isa_name();
   const Isa best = glm_kernels::detect_isa();
-  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}) {
+  for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAvx512Vnni}) {
     if (name == isa_label(i)) {
       TORCH_CHECK(i <= best, "this CPU does not support ", name, " (best: ", isa_label(best), ")");
       glm_kernels::chosen_isa() = i;
       return previous;
     }
   }
-  TORCH_CHECK(false, "unknown instruction set ", name, "; known: scalar, avx2, avx512f, avx512bf16");
+  TORCH_CHECK(false, "unknown instruction set ", name, "; known: scalar, avx2, avx512f, avx512bf16, avx512vnni");
 }
 
 // The operators, as torch.ops.glm_kernels.* (visible to the profiler and to torch.library tooling).
@@ -947,9 +1078,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa_name, "the instruction set the kernels use on this CPU");
   m.def("best_isa", [] { return std::string(isa_label(glm_kernels::detect_isa())); },
         "the best instruction set this CPU supports");
-  m.def("set_isa", &set_isa, "use another build of the loops (scalar, avx2, avx512f, avx512bf16); returns the previous",
+  m.def("set_isa", &set_isa,
+        "use another build of the loops (scalar, avx2, avx512f, avx512bf16, avx512vnni); returns the previous",
         py::arg("name"));
   m.def("chunk_runs", &chunk_runs, "how parallel_chunks ran `chunks` chunks (tests)", py::arg("chunks"),
         py::arg("slow_us") = 0.0);
-  m.attr("VERSION") = 13;
+  m.attr("VERSION") = 14;
 }

@@ -16,7 +16,7 @@ The extension reads THUDM's bytes as they are (`linear`/`gemv`: fp32
 accumulation, the fp16 row scale applied once; `dequantize`: rows of q * scale
 in fp32), so with it the 4-bit weights are not repacked on the CPU.
 `module()` is `_C` itself: `isa()` names the build of its loops this CPU runs
-(avx512bf16, avx512f, avx2 or scalar) and `set_isa(name)` picks another one
+(avx512vnni, avx512bf16, avx512f, avx2 or scalar) and `set_isa(name)` picks another one
 (tests run every build here).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "GLM_KERNELS_CPU_EXTENSION"
-VERSION = 13  # csrc/quant_cpu.cpp's VERSION: a stale build (other sources) is not used
+VERSION = 14  # csrc/quant_cpu.cpp's VERSION: a stale build (other sources) is not used
 
 
 @functools.lru_cache(maxsize=1)

@@ -61,14 +61,14 @@ def supported_isas():
 
     module = cpu_ext.module()
     best = module.best_isa()
-    order = ["scalar", "avx2", "avx512f", "avx512bf16"]
+    order = ["scalar", "avx2", "avx512f", "avx512bf16", "avx512vnni"]
     return order[:order.index(best) + 1]
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512f", "avx512bf16"])
+@pytest.fixture(params=["scalar", "avx2", "avx512f", "avx512bf16", "avx512vnni"])
 def isa(request):
     """Run an extension test with one build of its loops; a build this CPU cannot run fails the test (this
-    machine runs all four: the test that says so is test_this_cpu_runs_every_build)."""
+    machine runs all five: the test that says so is test_this_cpu_runs_every_build)."""
     from glm_kernels import cpu_ext
 
     assert cpu_ext.module() is not None, EXTENSION_MISSING

@@ -40,6 +40,19 @@ def make(bits, out_features=96, in_features=256, seed=0):
     return q, scale, bias
 
 
+def fixed_point_oracle(x, q, bits) -> torch.Tensor:
+    """One bf16 row of x as the VNNI products see it (csrc/quant_cpu.cpp, "one row of x in fixed point"), in float64:
+    over the elements the 64-byte steps of a weight row cover, rint(x * 2^shift) * 2^-shift with
+    shift = 15 - frexp(max|x|).exponent (ties to even); the elements of the row's last, partial step as they are."""
+    covered = q.shape[1] // 64 * 64 * (2 if bits == 4 else 1)
+    x = x.double()
+    head = x[:, :covered]
+    largest = head.abs().max().item() if covered else 0.0
+    shift = 15 - (np.frexp(largest)[1] if largest > 0 else 0)
+    head = torch.round(head * 2.0 ** shift) * 2.0 ** -shift  # exact in float64; torch.round: half to even
+    return torch.cat([head, x[:, covered:]], dim=1)
+
+
 def forms(q, scale, bits):
     """The weight as the op takes it: THUDM's bytes, and for 4 bits also the CPU-packed form."""
     yield "thudm", q
@@ -202,9 +215,10 @@ def test_registered_with_the_backend_switch():
 
 
 def test_this_cpu_runs_every_build():
-    # The CI machine (AMD EPYC, Zen 4) has AVX512-BF16: every build of the loops is exercised here.
+    # The CI machines seen (AMD EPYC Zen 4, Intel Xeon Emerald Rapids) have AVX512-BF16 and AVX512-VNNI: every
+    # build of the loops is exercised here.
     assert BUILT, EXTENSION_MISSING
-    assert supported_isas() == ["scalar", "avx2", "avx512f", "avx512bf16"]
+    assert supported_isas() == ["scalar", "avx2", "avx512f", "avx512bf16", "avx512vnni"]
     with pytest.raises(RuntimeError, match="unknown instruction set sse9"):
         cpu_ext.module().set_isa("sse9")
 
@@ -220,8 +234,11 @@ def test_extension_gemv_shapes(bits, in_features, rows, dtype, out_features, isa
     x = torch.randn(rows, in_features).to(dtype)
     out = ext.gemv(x, q, scale, bits)
     assert out.dtype == torch.float32 and out.shape == (rows, out_features)
-    # products of bf16 x and q are exact in fp32 on every path: one fp32 dot product per output either way
-    assert_fp32_close(out, x.double() @ oracle_weight(q, scale, bits).t(), 1e-5, f"gemv {isa}")
+    # products of bf16 x and q are exact in fp32 on every path: one fp32 dot product per output either way, except
+    # one bf16 row with VNNI, which is exact on x in 16-bit fixed point (its own oracle, below)
+    fixed = isa == "avx512vnni" and dtype == torch.bfloat16 and rows == 1
+    x_seen = fixed_point_oracle(x, q, bits) if fixed else x.double()
+    assert_fp32_close(out, x_seen @ oracle_weight(q, scale, bits).t(), 1e-5, f"gemv {isa}")
     w = ext.dequantize(q, scale, bits, 3, 29)
     assert torch.equal(w.double(), oracle_weight(q, scale, bits)[3:29])  # q x fp16 scale is exact in fp32
 
@@ -338,3 +355,97 @@ def test_one_row_products_do_not_depend_on_the_split(bits, out_features, in_feat
     ref = x.double() @ w.T + bias.double()
     ref_low = (x @ w.to(torch.bfloat16).T + bias.to(torch.bfloat16)).double()
     assert_lowp_close(results[1].double(), ref_low, ref, "one-row product")  # GLM_SPEC low-precision rule
+
+
+@contextlib.contextmanager
+def instruction_set(name):
+    module = cpu_ext.module()
+    previous = module.set_isa(name)
+    try:
+        yield
+    finally:
+        module.set_isa(previous)
+
+
+def one_row(in_features, seed=5, outlier=None):
+    x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(seed))
+    if outlier is not None:
+        x[0, 7] = outlier  # an activation far above the others, as ChatGLM's hidden states have
+    return x.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("in_features", [2048, 4200])  # whole 64-byte steps; a partial last step
+@pytest.mark.parametrize("outlier", [None, 300.0])
+def test_one_bf16_row_in_fixed_point(bits, in_features, outlier):
+    """One bf16 row of x with VNNI: the integer sums are exact, so the result is the fixed-point oracle's up to the
+    final fp32 roundings, and within the documented bound of the exact product: |x - x_fixed| <= max|x| * 2^-16
+    per element, so |y - y_exact| <= max|x| * 2^-16 * sum|w| per output (plus fp32 rounding)."""
+    assert BUILT, EXTENSION_MISSING
+    q, scale, bias = make(bits, out_features=43, in_features=in_features, seed=2)
+    x = one_row(in_features, outlier=outlier)
+    w = oracle_weight(q, scale, bits)
+    with instruction_set("avx512vnni"):
+        out = cpu_ext.extension().gemv(x, q, scale, bits).double()
+        low = cpu_ext.extension().linear(x, q, scale, bits, bias.to(torch.bfloat16))
+    assert_fp32_close(out, fixed_point_oracle(x, q, bits) @ w.t(), 1e-6, "fixed point")
+    exact = x.double() @ w.t()
+    bound = x.double().abs().max() * 2.0 ** -16 * w.abs().sum(1) + 1e-6 * exact.abs().max()
+    assert ((out - exact).abs() <= bound).all()
+    # and the GLM_SPEC low-precision rule against the exact product, as every bf16 path
+    ref = exact + bias.to(torch.bfloat16).double()
+    ref_low = (x @ w.to(torch.bfloat16).T + bias.to(torch.bfloat16)).double()
+    assert_lowp_close(low.double(), ref_low, ref, "one bf16 row, fixed point")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fixed_point_sums_never_overflow(bits):
+    """The largest fixed-point x (every element 1.9921875 -> 32640) against the largest weights, over rows long
+    enough to cross the int32 blocks several times (8 bits: 128 steps a block; 4 bits: 512): the sums stay exact."""
+    assert BUILT, EXTENSION_MISSING
+    ldw = 64 * 1100  # bytes per row: 1100 steps
+    k = ldw if bits == 8 else 2 * ldw
+    # row 0 all positive products at the largest |q| (4 bits: 0x77, every nibble 7), row 1 all negative (-128 /
+    # 0x88, every nibble -8), row 2 mixed
+    q = torch.full((3, ldw), 127 if bits == 8 else 0x77, dtype=torch.int8)
+    q[1] = -128 if bits == 8 else 0x88 - 256
+    q[2, ::2] = q[1, ::2]
+    scale = torch.full((3,), 1.0, dtype=torch.float16)
+    x = torch.full((1, k), 1.9921875, dtype=torch.bfloat16)
+    with instruction_set("avx512vnni"):
+        out = cpu_ext.extension().gemv(x, q, scale, bits).double()
+    expected = x.double() @ oracle_weight(q, scale, bits).t()
+    assert torch.equal(out, expected.float().double())  # integers below 2^24 per element: exact
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fixed_point_rows_far_from_one_and_zero(bits):
+    """A row of tiny values (the scale 2^shift is huge) and a row of zeros."""
+    assert BUILT, EXTENSION_MISSING
+    q, scale, bias = make(bits, out_features=40, in_features=2048, seed=4)
+    w = oracle_weight(q, scale, bits)
+    tiny = (one_row(2048).float() * 1e-30).to(torch.bfloat16)
+    with instruction_set("avx512vnni"):
+        out = cpu_ext.extension().gemv(tiny, q, scale, bits).double()
+        zero = cpu_ext.extension().linear(torch.zeros(1, 2048, dtype=torch.bfloat16), q, scale, bits, bias)
+    assert_fp32_close(out, fixed_point_oracle(tiny, q, bits) @ w.t(), 1e-6, "tiny x")
+    assert out.abs().max() > 0
+    assert torch.equal(zero, bias[None].to(torch.bfloat16))  # 0 + bias, rounded once
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("special", [float("inf"), float("nan")])
+def test_fixed_point_leaves_inf_and_nan_to_the_exact_loops(bits, special):
+    """inf / NaN have no fixed-point value: such a row takes the exact bf16 loops and gets their IEEE result."""
+    assert BUILT, EXTENSION_MISSING
+    q, scale, _ = make(bits, out_features=40, in_features=2048, seed=6)
+    x = one_row(2048)
+    x[0, 100] = special
+    ext = cpu_ext.extension()
+    with instruction_set("avx512vnni"):
+        out = ext.gemv(x, q, scale, bits)
+    with instruction_set("avx512bf16"):
+        exact = ext.gemv(x, q, scale, bits)
+    assert out.isnan().any() or out.isinf().any()
+    assert torch.equal(out.isnan(), exact.isnan())
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(exact))
