@@ -477,10 +477,12 @@ class AheadLines {
 // CPUs without VNNI (set_isa("avx512bf16") selects them).
 #define GLM_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
-struct FixedRow {
-  std::vector<uint16_t> streams;  // int16 bits, laid out as the bf16 passes' streams
-  int shift = 0;                  // x_fixed = rint(x * 2^shift)
-  int64_t offset = 0;             // what the +8 of the unsigned nibbles adds to every row's integer sum
+// One row of x as the passes read it: bf16 streams (pass_bf16), or 16-bit fixed-point ones (pass_fixed)
+struct RowStreams {
+  std::vector<uint16_t> streams;  // bf16 bits, or int16 bits when `fixed`, in pass_streams' layout
+  bool fixed = false;
+  int shift = 0;                  // fixed: x_fixed = rint(x * 2^shift)
+  int64_t offset = 0;             // fixed, 4 bits: what the +8 of the unsigned nibbles adds to every row's sum
 };
 
 // x (one bf16 row, [count], count a multiple of 32) -> out in 16-bit fixed point; false (out untouched) when x
@@ -508,18 +510,26 @@ GLM_VNNI_TARGET bool fixed_point(const uint16_t* x, int64_t count, uint16_t* out
   return true;
 }
 
-// the fixed-point streams of one bf16 row for `steps` 64-byte steps of a weight row; false for inf / NaN x
-bool fixed_row(const uint16_t* x, int64_t bits, int64_t steps, FixedRow& row) {
+// The streams of one bf16 row for `steps` 64-byte steps of a weight row: in fixed point when `fixed` is asked for
+// and x holds no inf or NaN, else bf16
+RowStreams row_streams(const uint16_t* x, int64_t bits, int64_t steps, bool fixed) {
   const int64_t count = steps * kStep * (bits == 4 ? 2 : 1);  // the elements the steps cover
-  row.streams.resize(count);
-  if (bits == 8) return fixed_point(x, count, row.streams.data(), &row.shift);
-  std::vector<uint16_t> fixed(count);
-  if (!fixed_point(x, count, fixed.data(), &row.shift)) return false;
-  pass_streams(fixed.data(), bits, steps, row.streams.data());
-  int64_t unsigned_sum = 0;  // streams 0..2 meet q + 8
-  for (int64_t i = 0; i < 3 * count / 4; ++i) unsigned_sum += static_cast<int16_t>(row.streams[i]);
-  row.offset = 8 * unsigned_sum;
-  return true;
+  RowStreams row;
+  row.streams.resize(steps * kStep * 2);  // 4 bits: 4 x 32 values per step; 8 bits: 2 x 32
+  if (fixed && bits == 8) {
+    row.fixed = fixed_point(x, count, row.streams.data(), &row.shift);
+  } else if (fixed) {
+    std::vector<uint16_t> words(count);
+    row.fixed = fixed_point(x, count, words.data(), &row.shift);
+    if (row.fixed) {
+      pass_streams(words.data(), bits, steps, row.streams.data());
+      int64_t unsigned_sum = 0;  // streams 0..2 meet q + 8
+      for (int64_t i = 0; i < 3 * count / 4; ++i) unsigned_sum += static_cast<int16_t>(row.streams[i]);
+      row.offset = 8 * unsigned_sum;
+    }
+  }
+  if (!row.fixed) pass_streams(x, bits, steps, row.streams.data());
+  return row;
 }
 
 // sum of the int32 lanes of v, in int64
@@ -530,7 +540,7 @@ GLM_VNNI_TARGET inline int64_t lanes_sum(__m512i v) {
 
 // pass_bf16 in fixed point: sums[r] = x . row r of the R rows at w over the first `steps` steps, then the tail
 template <int R, int Bits>
-GLM_VNNI_TARGET void pass_fixed(const FixedRow& fx, const uint16_t* x, const int8_t* w, int64_t ldw, int64_t steps,
+GLM_VNNI_TARGET void pass_fixed(const RowStreams& fx, const uint16_t* x, const int8_t* w, int64_t ldw, int64_t steps,
                                 float* sums) {
   // steps per block of int32 sums: a lane gains at most 2 * 32640 * 15 (4 bits) or 2 * 32640 * 128 (8 bits) a
   // step, and a row's accumulators are added in int32 before going to int64: within 2^31 either way
@@ -584,22 +594,21 @@ GLM_VNNI_TARGET void pass_fixed(const FixedRow& fx, const uint16_t* x, const int
               pass_tail<Bits>(x, w + r * ldw, steps * kStep, ldw);
 }
 
-// rows [begin, end) of the weight: passes of kPass rows, the last rows of the range one by one; in fixed point
-// when `fixed` holds x's streams, else on the bf16 streams
+// rows [begin, end) of the weight: passes of kPass rows, the last rows of the range one by one, on x's streams
 template <int Bits>
-void rows_pass(const FixedRow* fixed, const uint16_t* streams, const uint16_t* x, const int8_t* w, int64_t ldw,
-               int64_t begin, int64_t end, float* sums, AheadLines& ahead) {
+void rows_pass(const RowStreams& xs, const uint16_t* x, const int8_t* w, int64_t ldw, int64_t begin, int64_t end,
+               float* sums, AheadLines& ahead) {
   const int64_t steps = ldw / kStep;
   int64_t r = begin;
   for (; r + kPass <= end; r += kPass) {
     ahead.next();
-    if (fixed) pass_fixed<kPass, Bits>(*fixed, x, w + r * ldw, ldw, steps, sums + r - begin);
-    else pass_bf16<kPass, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
+    if (xs.fixed) pass_fixed<kPass, Bits>(xs, x, w + r * ldw, ldw, steps, sums + r - begin);
+    else pass_bf16<kPass, Bits>(xs.streams.data(), x, w + r * ldw, ldw, steps, sums + r - begin);
   }
   for (; r < end; ++r) {
     ahead.next();
-    if (fixed) pass_fixed<1, Bits>(*fixed, x, w + r * ldw, ldw, steps, sums + r - begin);
-    else pass_bf16<1, Bits>(streams, x, w + r * ldw, ldw, steps, sums + r - begin);
+    if (xs.fixed) pass_fixed<1, Bits>(xs, x, w + r * ldw, ldw, steps, sums + r - begin);
+    else pass_bf16<1, Bits>(xs.streams.data(), x, w + r * ldw, ldw, steps, sums + r - begin);
   }
 }
 
@@ -807,11 +816,7 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
       // one row of x: the several-rows-per-pass loops, each thread's share in whole passes
       const auto* xr = reinterpret_cast<const uint16_t*>(xc.data_ptr()) + m0 * k;
       const int64_t steps = ldw / kStep;
-      FixedRow fixed_x;
-      const bool fixed = chosen >= Isa::kAvx512Vnni && fixed_row(xr, bits, steps, fixed_x);
-      std::vector<uint16_t> streams(fixed ? 0 : steps * kStep * 2);  // 4 bits: 4 x 32 per step; 8 bits: 2 x 32
-      if (!fixed) pass_streams(xr, bits, steps, streams.data());
-      const FixedRow* fx = fixed ? &fixed_x : nullptr;
+      const RowStreams streams = row_streams(xr, bits, steps, chosen >= Isa::kAvx512Vnni);
       const int64_t passes = (n + kPass - 1) / kPass;
       const int64_t ahead_lines = AheadLines::total(ahead);
       // chunks of ~kChunkBytes of weight, each thread its share first, then the slower thread's last chunks
@@ -821,11 +826,11 @@ void product_into(const torch::Tensor& x_in, const torch::Tensor& weight_in, con
         const int64_t begin = p0 * kPass, end = std::min(n, p1 * kPass);
         float sums[kChunkRows];
         // each chunk prefetches the read-ahead lines in proportion to its passes, spread over the calls
-        // rows_pass_bf16 makes: one per pass of kPass rows and one per row left over
+        // rows_pass makes: one per pass of kPass rows and one per row left over
         const int64_t calls = (end - begin) / kPass + (end - begin) % kPass;
         AheadLines lines(ahead, ahead_lines * p0 / passes, ahead_lines * p1 / passes, calls);
-        if (bits == 8) rows_pass<8>(fx, streams.data(), xr, wp, ldw, begin, end, sums, lines);
-        else rows_pass<4>(fx, streams.data(), xr, wp, ldw, begin, end, sums, lines);
+        if (bits == 8) rows_pass<8>(streams, xr, wp, ldw, begin, end, sums, lines);
+        else rows_pass<4>(streams, xr, wp, ldw, begin, end, sums, lines);
         write(m0, 1, begin, end, sums);
       });
       continue;
